@@ -1,0 +1,83 @@
+"""Command-line plumbing shared by the entry scripts: flags named exactly like the config fields."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from scaling_lab import config
+
+
+def parser_for(names: list[str], description: str) -> argparse.ArgumentParser:
+    """One ``--name`` flag per field name; values stay strings (config.parse_value types them)."""
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    for name in names:
+        p.add_argument(f"--{name}", default=None, metavar=name.upper())
+    return p
+
+
+def parse(argv: list[str], names: list[str], description: str) -> dict[str, Any]:
+    p = parser_for(names, description)
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        bad = unknown[0].lstrip("-").split("=")[0]
+        raise config.ConfigError(bad, unknown[0], "one of " + ", ".join(names))
+    return {k: v for k, v in vars(args).items() if v is not None}
+
+
+def error(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+
+
+def run_name(cfg: config.RunConfig) -> str:
+    m, t = cfg.model, cfg.train
+    budget = f"C{t.flops:.0e}" if t.flops else f"D{t.tokens:.0e}"
+    return cfg.run_name or f"{cfg.mode}-L{m.n_layer}-d{m.n_embd}-V{cfg.data.vocab_size}-{budget}".replace("+", "")
+
+
+def main_train(argv: list[str]) -> int:
+    """The ``main`` entry point: resolve the config, train one run, print the summary line."""
+    from scaling_lab import tracking
+    from scaling_lab.data import DataUnavailable
+    from scaling_lab.errors import Interrupted, NonFiniteLoss
+    from scaling_lab.train import make_plan, resume_config, train
+
+    launched = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run` created and logged params into
+    try:
+        args = parse(argv, config.field_names(), "Train one GPT configuration, every step logged to MLflow.")
+        if args.get("resume"):
+            ckdir = args.get("checkpoint_dir") or config.TrainConfig.checkpoint_dir
+            cfg = resume_config(args["resume"], ckdir)
+        else:
+            cfg = config.resolve(args)
+        make_plan(cfg)  # a budget below one optimizer step fails here, before any run exists
+    except config.ConfigError as exc:
+        error(str(exc))
+        if launched:
+            tracking.fail_run(launched, str(exc))
+        return 2
+
+    run_id = None
+    if cfg.train.resume:
+        run_id = cfg.train.resume
+        if launched and launched != run_id:
+            tracking.end_stray_run(launched, f"resume of {run_id}: training continued in that run")
+    try:
+        with tracking.run(cfg.experiment, run_name(cfg), run_id=run_id) as log:
+            result = train(cfg, log)
+    except (config.ConfigError, DataUnavailable, NonFiniteLoss) as exc:
+        error(str(exc))
+        return 2 if isinstance(exc, (config.ConfigError, DataUnavailable)) else 1
+    except Interrupted as exc:
+        error(f"interrupted: {exc}; continue with resume={log.run_id}")
+        return 130
+    overhead = 100 * result.log_seconds / result.wall_s if result.wall_s else 0.0
+    print(
+        f"run {result.run_id} FINISHED: val/loss {result.val_loss:.4f} ({result.val_bpb:.4f} bits/byte) after "
+        f"{result.steps} steps, {result.tokens_trained:,} tokens in {result.wall_s:.1f} s "
+        f"({result.tokens_per_s:,.0f} tokens/s, metric logging {overhead:.2f}% of wall time). "
+        f"Open the UI: mlflow ui --backend-store-uri {tracking.tracking_uri()}"
+    )
+    return 0

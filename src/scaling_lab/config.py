@@ -1,0 +1,322 @@
+"""Configuration: one dataclass per concern, the modes table, and validation.
+
+Every field name is also the MLproject parameter, the CLI flag and the MLflow param key
+(``resolved.<field>`` for the value actually used; see README "Parameters").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+GPT2_RANKS = 50256  # BPE ranks in GPT-2's vocabulary; the end-of-text token is id 50256
+GPT2_VOCAB = GPT2_RANKS + 1  # 50,257 ids in GPT-2 (Radford et al. 2019)
+MIN_VOCAB = 256  # byte level: the 256 byte tokens only
+
+FLOPS_RULES = ("kaplan", "total", "chinchilla")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "bf16", "fp32")
+COMPILE_CHOICES = ("auto", "true", "false")
+NAMED_DATASETS = ("wikitext-2", "wikitext-103", "openwebtext")
+TOKENIZERS = ("gpt2",)
+
+
+class ConfigError(ValueError):
+    """Bad input: the message names the parameter and what is allowed."""
+
+    def __init__(self, param: str, value: Any, allowed: str):
+        self.param = param
+        super().__init__(f"parameter '{param}': got {value!r}; allowed: {allowed}")
+
+
+def n_vocab_for(vocab_size: int) -> int:
+    """Embedding rows for a truncated GPT-2 vocabulary: the kept BPE ranks plus end-of-text."""
+    return min(vocab_size, GPT2_RANKS) + 1
+
+
+def _positive_int(name: str, value: Any, allow_zero: bool = False) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ConfigError(name, value, "a non-negative integer" if allow_zero else "a positive integer")
+
+
+def _positive_float(name: str, value: Any, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ConfigError(name, value, "a non-negative finite number" if allow_zero else "a positive finite number")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(name, value, "one of " + ", ".join(allowed))
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the GPT decoder."""
+
+    n_layer: int = 4
+    """Transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; must divide n_embd."""
+    n_embd: int = 128
+    """Residual stream width d_model."""
+    block_size: int = 128
+    """Context length in tokens."""
+    n_vocab: int = 513
+    """Embedding rows (derived from vocab_size: kept BPE ranks + end-of-text)."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "n_vocab"):
+            _positive_int(name, getattr(self, name))
+        if self.n_embd % self.n_head:
+            raise ConfigError("n_embd", self.n_embd, f"a multiple of n_head={self.n_head}")
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and how they are cut."""
+
+    dataset: str = "wikitext-2"
+    """wikitext-2, wikitext-103, openwebtext, or a local directory/file(s) (comma-separated)."""
+    train_split: str = "train"
+    """Split to train on (e.g. 'test' when only valid/test files exist offline)."""
+    val_split: str = "validation"
+    """Split to score val/loss on."""
+    tokenizer: str = "gpt2"
+    """tiktoken encoding (GPT-2 BPE)."""
+    vocab_size: int = 512
+    """GPT-2 BPE ranks kept (256 = bytes only ... 50257 = all of GPT-2); end-of-text is one more id."""
+    cache_dir: str = ""
+    """Token cache folder ('' = $SCALING_LAB_CACHE or ~/.cache/scaling_lab)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ConfigError("dataset", self.dataset, "one of " + ", ".join(NAMED_DATASETS) + ", or a local path")
+        _choice("tokenizer", self.tokenizer, TOKENIZERS)
+        if (
+            not isinstance(self.vocab_size, int)
+            or isinstance(self.vocab_size, bool)
+            or not MIN_VOCAB <= self.vocab_size <= GPT2_VOCAB
+        ):
+            raise ConfigError("vocab_size", self.vocab_size, f"an integer from {MIN_VOCAB} to {GPT2_VOCAB}")
+        for name in ("train_split", "val_split"):
+            if not getattr(self, name):
+                raise ConfigError(name, getattr(self, name), "a split name such as train, validation, test")
+
+
+@dataclass
+class TrainConfig:
+    """Budget, optimizer, schedule, device and checkpoints."""
+
+    tokens: int = 0
+    """Training tokens D (0 = derive from flops)."""
+    flops: float = 0.0
+    """Training compute C in FLOPs under flops_rule (0 = use tokens)."""
+    flops_rule: str = "total"
+    """FLOPs per token rule that turns C into D: kaplan (6N), total (6N_total), chinchilla (App. F)."""
+    batch_size: int = 16
+    """Sequences per optimizer step (the target batch)."""
+    micro_batch: int = 0
+    """Sequences per forward pass (0 = choose from free memory); accumulation makes up batch_size."""
+    lr: float = 3e-3
+    """Peak learning rate of AdamW."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at this fraction of lr."""
+    warmup_frac: float = 0.1
+    """Fraction of steps of linear warmup."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay on matrices."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 = off)."""
+    eval_every: int = 0
+    """Steps between validation passes (0 = about 10 per run)."""
+    eval_tokens: int = 16384
+    """Fixed validation tokens scored at each evaluation."""
+    device: str = "auto"
+    """auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps."""
+    dtype: str = "auto"
+    """Autocast precision: auto (bf16 where supported), bf16, fp32."""
+    compile: str = "false"
+    """torch.compile: true, false, auto (when the run is long enough to repay compiling)."""
+    seed: int = 1337
+    """Seed for init, data order and evaluation windows."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints (0 = at every evaluation)."""
+    checkpoint_dir: str = "checkpoints"
+    """Folder for periodic checkpoints, one subfolder per run."""
+    save_checkpoint: bool = False
+    """Log the final checkpoint as an MLflow artifact."""
+    resume: str = ""
+    """Run id to continue from its last checkpoint."""
+
+    def __post_init__(self) -> None:
+        _positive_int("tokens", self.tokens, allow_zero=True)
+        _positive_float("flops", self.flops, allow_zero=True)
+        if (self.tokens > 0) == (self.flops > 0):
+            raise ConfigError("tokens/flops", (self.tokens, self.flops), "exactly one of tokens (D) or flops (C) > 0")
+        _choice("flops_rule", self.flops_rule, FLOPS_RULES)
+        for name in ("batch_size", "eval_tokens"):
+            _positive_int(name, getattr(self, name))
+        for name in ("micro_batch", "eval_every", "checkpoint_every", "seed"):
+            _positive_int(name, getattr(self, name), allow_zero=True)
+        if self.micro_batch and self.batch_size % self.micro_batch:
+            raise ConfigError("micro_batch", self.micro_batch, f"a divisor of batch_size={self.batch_size}")
+        _positive_float("lr", self.lr)
+        for name in ("weight_decay", "grad_clip"):
+            _positive_float(name, getattr(self, name), allow_zero=True)
+        for name in ("min_lr_ratio", "warmup_frac", "beta1", "beta2"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0 <= v < 1 + (name == "min_lr_ratio"):
+                raise ConfigError(name, v, "a number in [0, 1]" if name == "min_lr_ratio" else "a number in [0, 1)")
+        dev = self.device
+        if not (dev in DEVICES or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise ConfigError("device", dev, "auto, cpu, cuda, cuda:N, mps")
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("compile", self.compile, COMPILE_CHOICES)
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs."""
+
+    mode: str = "quick"
+    """Preset from MODES; explicit parameters override it."""
+    experiment: str = "scaling-lab"
+    """MLflow experiment name."""
+    run_name: str = ""
+    """MLflow run name ('' = generated from shape and budget)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(tokens=1))
+
+    def __post_init__(self) -> None:
+        _choice("mode", self.mode, tuple(MODES))
+        if self.model.n_vocab != n_vocab_for(self.data.vocab_size):
+            raise ConfigError("n_vocab", self.model.n_vocab, f"{n_vocab_for(self.data.vocab_size)} for vocab_size")
+
+    def flat(self) -> dict[str, Any]:
+        """All fields as one flat dict keyed by field name (the MLflow param keys)."""
+        out: dict[str, Any] = {"mode": self.mode, "experiment": self.experiment, "run_name": self.run_name}
+        for part in (self.model, self.data, self.train):
+            out.update(dataclasses.asdict(part))
+        return out
+
+
+# Modes: presets of the fields above. Sizes and expected times are in README's modes table.
+# quick: a CPU-sized run (~3 min on 2 cores) with a 512-rank vocabulary (see README "Vocabulary").
+MODES: dict[str, dict[str, Any]] = {
+    "tiny": dict(  # for tests and smoke checks: seconds on a CPU
+        n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=256,
+        tokens=40_960, batch_size=8, lr=3e-3, eval_tokens=4096, eval_every=0, dtype="fp32",
+    ),
+    "quick": dict(
+        n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=512,
+        tokens=2_000_000, batch_size=16, lr=3e-3, eval_tokens=16_384,
+    ),
+    "standard": dict(  # laptop GPU / MPS, about an hour
+        n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=GPT2_VOCAB, dataset="wikitext-103",
+        tokens=50_000_000, batch_size=64, lr=1e-3, eval_tokens=131_072, compile="auto",
+    ),
+    "full": dict(  # GPT-2 small on OpenWebText, hours on a GPU
+        n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=GPT2_VOCAB, dataset="openwebtext",
+        tokens=2_500_000_000, batch_size=480, lr=6e-4, eval_tokens=1_048_576, compile="auto",
+    ),
+}
+
+_PARTS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}  # data first: vocab errors name vocab_size
+TOP_FIELDS = ("mode", "experiment", "run_name")
+
+
+def field_names() -> list[str]:
+    """Every user-facing field name (the one-name-per-idea list), n_vocab excluded (derived)."""
+    names = list(TOP_FIELDS)
+    for cls in _PARTS.values():
+        names += [f.name for f in fields(cls) if f.name != "n_vocab"]
+    return names
+
+
+def field_types() -> dict[str, type]:
+    """Python type of every user-facing field, for parsing CLI strings."""
+    types: dict[str, type] = {name: str for name in TOP_FIELDS}
+    for cls in _PARTS.values():
+        hints = {f.name: f.type for f in fields(cls)}
+        for name, t in hints.items():
+            types[name] = {"int": int, "float": float, "str": str, "bool": bool}[t if isinstance(t, str) else t.__name__]
+    types.pop("n_vocab", None)
+    return types
+
+
+def parse_value(name: str, raw: Any) -> Any:
+    """Turn a CLI/MLproject string into the field's type, or raise ConfigError naming the field."""
+    t = field_types()[name]
+    if not isinstance(raw, str):
+        return raw
+    s = raw.strip()
+    try:
+        if t is bool:
+            if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return s.lower() in ("true", "1", "yes")
+        if t is int:
+            v = float(s)  # accept 2e6
+            if not v.is_integer():
+                raise ValueError
+            return int(v)
+        if t is float:
+            return float(s)
+    except ValueError:
+        allowed = {bool: "true or false", int: "an integer", float: "a number"}[t]
+        raise ConfigError(name, raw, allowed) from None
+    return s
+
+
+def is_unset(value: Any) -> bool:
+    """MLproject passes '' or 0 for a parameter the user left to the mode."""
+    return value is None or (isinstance(value, str) and value.strip() in ("", "0")) or value == 0
+
+
+def resolve(overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Build a validated RunConfig: dataclass defaults < mode preset < explicit overrides.
+
+    ``overrides`` maps field names to values or strings; unset values ('' / 0 / None) are ignored.
+    """
+    raw = dict(overrides or {})
+    unknown = sorted(set(raw) - set(field_names()))
+    if unknown:
+        raise ConfigError(unknown[0], raw[unknown[0]], "one of " + ", ".join(field_names()))
+    given = {k: parse_value(k, v) for k, v in raw.items() if not is_unset(v)}
+    mode = given.get("mode", "quick")
+    _choice("mode", mode, tuple(MODES))
+    values: dict[str, Any] = dict(MODES[mode])
+    if "tokens" in given and "flops" in given:
+        raise ConfigError("tokens/flops", (given["tokens"], given["flops"]), "only one of tokens (D) or flops (C)")
+    if "flops" in given:
+        values.pop("tokens", None)
+    values.update(given)
+    vocab = values.get("vocab_size", DataConfig.vocab_size)
+    if isinstance(vocab, int) and not isinstance(vocab, bool):
+        values["n_vocab"] = n_vocab_for(vocab) if MIN_VOCAB <= vocab <= GPT2_VOCAB else vocab
+    parts = {}
+    for part, cls in _PARTS.items():
+        names = {f.name for f in fields(cls)}
+        parts[part] = cls(**{k: v for k, v in values.items() if k in names})
+    top = {k: values[k] for k in TOP_FIELDS if k in values}
+    return RunConfig(**top, **parts)
+
+
+def from_flat(flat: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from ``RunConfig.flat()`` (checkpoints store this)."""
+    parts = {}
+    for part, cls in _PARTS.items():
+        names = {f.name for f in fields(cls)}
+        parts[part] = cls(**{k: v for k, v in flat.items() if k in names})
+    return RunConfig(**{k: flat[k] for k in TOP_FIELDS}, **parts)

@@ -1,0 +1,84 @@
+"""Parameter and FLOP counts: small pure functions, each citing its source.
+
+Shapes follow ``scaling_lab.model.GPT``: pre-LN blocks with biases, learned positions, MLP width 4d,
+output head tied to the token embedding. Tests check every count against the real module.
+"""
+
+from __future__ import annotations
+
+import math
+
+from scaling_lab.config import FLOPS_RULES, ModelConfig
+
+
+def n_params_nonembed(n_layer: int, n_embd: int) -> int:
+    """Non-embedding parameters N (Kaplan et al. 2020, Sec. 2.1: N ~= 12 n_layer d_model^2).
+
+    Counted exactly as the module holds them: per block QKV (3d^2 + 3d), attention output (d^2 + d),
+    MLP (8d^2 + 5d), two LayerNorms (4d); plus the final LayerNorm (2d).
+    """
+    d = n_embd
+    return n_layer * (12 * d * d + 13 * d) + 2 * d
+
+
+def n_params_embed(n_embd: int, n_vocab: int, block_size: int) -> int:
+    """Token and position embedding parameters (the tied head adds none)."""
+    return n_vocab * n_embd + block_size * n_embd
+
+
+def n_params_total(n_layer: int, n_embd: int, n_vocab: int, block_size: int) -> int:
+    """All parameters, embeddings included (Hoffmann et al. 2022 count N this way)."""
+    return n_params_nonembed(n_layer, n_embd) + n_params_embed(n_embd, n_vocab, block_size)
+
+
+def flops_per_token_kaplan(n_layer: int, n_embd: int) -> float:
+    """C = 6N per training token, N non-embedding (Kaplan et al. 2020, Sec. 2.1, Table 1)."""
+    return 6.0 * n_params_nonembed(n_layer, n_embd)
+
+
+def flops_per_token_total(n_layer: int, n_embd: int, n_vocab: int, block_size: int) -> float:
+    """C = 6 N_total per training token: forward 2N plus backward 4N, embeddings and head included."""
+    return 6.0 * n_params_total(n_layer, n_embd, n_vocab, block_size)
+
+
+def flops_per_token_chinchilla(n_layer: int, n_head: int, n_embd: int, n_vocab: int, block_size: int) -> float:
+    """Training FLOPs per token from Hoffmann et al. 2022, Appendix F (Table 4 recipe).
+
+    Forward per sequence of length s: embeddings 2 s V d; per layer QKV 6 s d^2, logits 2 s^2 d,
+    softmax 3 h s^2, attention over values 2 s^2 d, output projection 2 s d^2, MLP 16 s d^2
+    (ffw = 4d); final logits 2 s d V. Backward = 2x forward. Divided by s for one token.
+    """
+    s, d, h, v = block_size, n_embd, n_head, n_vocab
+    attention = 6 * s * d * d + 2 * s * s * d + 3 * h * s * s + 2 * s * s * d + 2 * s * d * d
+    dense = 16 * s * d * d
+    forward = 2 * s * v * d + n_layer * (attention + dense) + 2 * s * d * v
+    return 3.0 * forward / s
+
+
+def flops_per_token(model: ModelConfig, rule: str) -> float:
+    """FLOPs per training token of ``model`` under ``rule`` (kaplan, total or chinchilla)."""
+    m = model
+    if rule == "kaplan":
+        return flops_per_token_kaplan(m.n_layer, m.n_embd)
+    if rule == "total":
+        return flops_per_token_total(m.n_layer, m.n_embd, m.n_vocab, m.block_size)
+    if rule == "chinchilla":
+        return flops_per_token_chinchilla(m.n_layer, m.n_head, m.n_embd, m.n_vocab, m.block_size)
+    raise ValueError(f"parameter 'flops_rule': got {rule!r}; allowed: one of {', '.join(FLOPS_RULES)}")
+
+
+def counts(model: ModelConfig, tokens: int) -> dict[str, float]:
+    """N under each counting and C under each rule for ``tokens`` training tokens."""
+    m = model
+    out: dict[str, float] = {
+        "n_params": n_params_nonembed(m.n_layer, m.n_embd),
+        "n_params_total": n_params_total(m.n_layer, m.n_embd, m.n_vocab, m.block_size),
+    }
+    for rule in FLOPS_RULES:
+        out[f"flops_{rule}"] = flops_per_token(m, rule) * tokens
+    return out
+
+
+def tokens_for_flops(model: ModelConfig, flops: float, rule: str) -> int:
+    """D = C / flops_per_token(N) under ``rule`` (rounded down to whole tokens)."""
+    return int(math.floor(flops / flops_per_token(model, rule)))
