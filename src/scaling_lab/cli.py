@@ -11,7 +11,7 @@ from scaling_lab import config
 
 
 def parser_for(names: list[str], description: str) -> argparse.ArgumentParser:
-    """One ``--name`` flag per field name; values stay strings (config.parse_value types them)."""
+    """One ``--name`` flag per field name (for --help); values stay strings (config.parse_value types them)."""
     p = argparse.ArgumentParser(description=description, allow_abbrev=False)
     for name in names:
         p.add_argument(f"--{name}", default=None, metavar=name.upper())
@@ -19,12 +19,29 @@ def parser_for(names: list[str], description: str) -> argparse.ArgumentParser:
 
 
 def parse(argv: list[str], names: list[str], description: str) -> dict[str, Any]:
-    p = parser_for(names, description)
-    args, unknown = p.parse_known_args(argv)
-    if unknown:
-        bad = unknown[0].lstrip("-").split("=")[0]
-        raise config.ConfigError(bad, unknown[0], "one of " + ", ".join(names))
-    return {k: v for k, v in vars(args).items() if v is not None}
+    """``--name value`` or ``--name=value`` pairs -> {name: value}. Values may start with '-' (e.g. -1e12),
+    so they are paired by position rather than by argparse; an unknown name raises ConfigError."""
+    if any(a in ("-h", "--help") for a in argv):
+        parser_for(names, description).print_help()
+        raise SystemExit(0)
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--"):
+            raise config.ConfigError("arguments", tok, "--name value pairs with names from " + ", ".join(names))
+        if "=" in tok:
+            name, value = tok[2:].split("=", 1)
+            i += 1
+        else:
+            name, value = tok[2:], argv[i + 1] if i + 1 < len(argv) else None
+            i += 2
+        if name not in names:
+            raise config.ConfigError(name, value, "one of " + ", ".join(names))
+        if value is None:
+            raise config.ConfigError(name, value, "a value after --" + name)
+        out[name] = value
+    return out
 
 
 def error(msg: str) -> None:
@@ -40,9 +57,9 @@ def run_name(cfg: config.RunConfig) -> str:
 def main_train(argv: list[str]) -> int:
     """The ``main`` entry point: resolve the config, train one run, print the summary line."""
     from scaling_lab import tracking
-    from scaling_lab.data import DataUnavailable
+    from scaling_lab.data import DataUnavailable, validate_source
     from scaling_lab.errors import Interrupted, NonFiniteLoss
-    from scaling_lab.train import make_plan, resume_config, train
+    from scaling_lab.train import make_plan, pick_device, resume_config, train
 
     launched = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run` created and logged params into
     try:
@@ -53,6 +70,8 @@ def main_train(argv: list[str]) -> int:
         else:
             cfg = config.resolve(args)
         make_plan(cfg)  # a budget below one optimizer step fails here, before any run exists
+        pick_device(cfg.train.device)
+        validate_source(cfg.data)
     except config.ConfigError as exc:
         error(str(exc))
         if launched:

@@ -118,6 +118,19 @@ def is_local(dataset: str) -> bool:
     return dataset not in NAMED_DATASETS
 
 
+def validate_source(cfg: DataConfig) -> None:
+    """Fail before any run exists when a local dataset path or one of its splits is missing."""
+    if not is_local(cfg.dataset):
+        return
+    files = local_files(cfg.dataset)
+    for param, split in (("train_split", cfg.train_split), ("val_split", cfg.val_split)):
+        if split not in files:
+            raise ConfigError(param, split, "a split present in dataset: " + ", ".join(sorted(files)))
+        for p in files[split]:
+            if not os.access(p, os.R_OK):
+                raise ConfigError("dataset", str(p), "readable files")
+
+
 def _builder(files: list[Path]) -> str:
     ext = {p.suffix for p in files}
     if ext <= {".parquet"}:

@@ -1,0 +1,66 @@
+"""Parameter and FLOP counts against the real module."""
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from scaling_lab import counting
+from scaling_lab.config import ModelConfig, n_vocab_for
+from scaling_lab.model import GPT
+
+SHAPES = [(1, 1, 16, 8, 257), (2, 4, 64, 32, 300), (3, 6, 96, 64, n_vocab_for(1024))]
+
+
+@pytest.mark.parametrize("n_layer,n_head,n_embd,block,vocab", SHAPES)
+def test_parameter_counts_match_numel(n_layer, n_head, n_embd, block, vocab):
+    model = GPT(ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block, n_vocab=vocab))
+    total = sum(p.numel() for p in model.parameters())  # tied head counted once
+    embed = model.wte.weight.numel() + model.wpe.weight.numel()
+    assert counting.n_params_total(n_layer, n_embd, vocab, block) == total
+    assert counting.n_params_nonembed(n_layer, n_embd) == total - embed
+    # Kaplan's approximation 12 L d^2 is the leading term
+    assert counting.n_params_nonembed(n_layer, n_embd) == pytest.approx(12 * n_layer * n_embd**2, rel=0.15)
+
+
+@pytest.mark.parametrize("n_layer,n_head,n_embd,block,vocab", SHAPES)
+def test_flops_rules_against_direct_matmul_count(n_layer, n_head, n_embd, block, vocab):
+    """FlopCounterMode counts every matmul of forward + backward (attention through the math path).
+
+    Chinchilla App. F also counts the embedding lookup as a matmul (2 V d forward) and the softmax
+    (3 h s per token forward); the module does neither as a matmul, so the direct count must equal
+    the rule minus exactly those terms (times 3 for forward + backward)."""
+    cfg = ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block, n_vocab=vocab)
+    model = GPT(cfg)
+    batch = 2
+    x = torch.randint(0, vocab, (batch, block))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        _, loss = model(x, x)
+        loss.backward()
+    direct = fc.get_total_flops() / (batch * block)
+    chinchilla = counting.flops_per_token(cfg, "chinchilla")
+    assert direct == pytest.approx(chinchilla - 3 * (2 * vocab * n_embd + n_layer * 3 * n_head * block), rel=1e-9)
+    # 6N (Kaplan) is the weight-matmul part of that count without attention, head and biases
+    attention_and_head = 3 * (n_layer * 4 * block * n_embd + 2 * vocab * n_embd)
+    weight_matmuls = direct - attention_and_head
+    assert weight_matmuls == 6 * n_layer * 12 * n_embd**2
+    assert counting.flops_per_token(cfg, "kaplan") == pytest.approx(weight_matmuls, rel=0.15)
+    assert counting.flops_per_token(cfg, "total") == 6 * counting.n_params_total(n_layer, n_embd, vocab, block)
+
+
+def test_counts_follow_vocab_size():
+    small = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, n_vocab=n_vocab_for(256))
+    large = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, n_vocab=n_vocab_for(50257))
+    assert small.n_vocab == 257 and large.n_vocab == 50257
+    assert counting.counts(large, 1000)["n_params_total"] - counting.counts(small, 1000)["n_params_total"] == (
+        (50257 - 257) * 32
+    )
+    assert counting.counts(large, 1000)["n_params"] == counting.counts(small, 1000)["n_params"]
+    assert counting.flops_per_token(large, "chinchilla") > counting.flops_per_token(small, "chinchilla")
+
+
+def test_tokens_for_flops_inverts_the_rule():
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, n_vocab=257)
+    for rule in ("kaplan", "total", "chinchilla"):
+        d = counting.tokens_for_flops(cfg, 1e12, rule)
+        assert d * counting.flops_per_token(cfg, rule) <= 1e12 < (d + 1) * counting.flops_per_token(cfg, rule)

@@ -1,0 +1,78 @@
+"""A short real training run on the offline WikiText-2 text, logged to a temporary SQLite store."""
+
+import math
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from scaling_lab import config, tracking
+from scaling_lab.errors import NonFiniteLoss
+from scaling_lab.train import MemoryLogger, lr_at, make_plan, train
+
+
+def test_lr_schedule_warmup_then_cosine_to_ten_percent():
+    steps, peak = 100, 1e-3
+    lrs = [lr_at(s, steps, peak, 0.1, 0.1) for s in range(steps)]
+    assert lrs[0] == pytest.approx(peak / 10) and lrs[9] == pytest.approx(peak)
+    assert lrs[-1] == pytest.approx(0.1 * peak)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_plan_from_flops_and_budget_too_small(tiny):
+    cfg = config.resolve({**tiny, "flops": "5e10"})
+    plan = make_plan(cfg)
+    assert plan.counts["flops_total"] <= 5e10
+    assert plan.steps == plan.tokens_trained // (cfg.train.batch_size * cfg.model.block_size)
+    with pytest.raises(config.ConfigError, match="'flops'.*at least one optimizer step"):
+        make_plan(config.resolve({**tiny, "flops": "1e6"}))
+
+
+def test_real_run_logs_every_step_and_loss_falls(tiny, store):
+    cfg = config.resolve({**tiny, "tokens": "61440"})  # 120 steps of 8 x 64 tokens
+    with tracking.run(cfg.experiment, "test-run", system_metrics=False) as log:
+        result = train(cfg, log, progress=False)
+    client = MlflowClient()
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    hist = client.get_metric_history(result.run_id, "train/loss")
+    steps = sorted(m.step for m in hist)
+    assert steps == list(range(1, 121))  # one point per optimizer step, none subsampled or repeated
+    for key in ("lr", "grad_norm", "tokens_seen", "flops_seen", "step_time_ms", "tokens_per_s"):
+        assert len(client.get_metric_history(result.run_id, key)) == 120
+    losses = [m.value for m in sorted(hist, key=lambda m: m.step)]
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.5
+    val = client.get_metric_history(result.run_id, "val/loss")
+    assert len(val) == 10 and sorted(v.step for v in val)[-1] == 120
+    p = run.data.params
+    assert int(p["steps"]) == 120 and int(p["tokens_trained"]) == 61440
+    assert int(p["resolved.n_embd"]) == 32 and p["resolved.mode"] == "tiny"
+    assert float(p["flops_total"]) == pytest.approx(6 * int(p["n_params_total"]) * 61440)
+    # val/bpb is the same loss measured per byte
+    bpb = run.data.metrics["final/val_bpb"]
+    assert run.data.metrics["final/val_loss"] == pytest.approx(result.val_loss)
+    assert bpb == pytest.approx(result.val_loss / math.log(2), rel=0.05)  # 256-rank vocab: ~1 byte per token
+    # the final loss is well below the unigram entropy of the data (the model learned context)
+    assert result.val_loss < run.data.metrics["data/unigram_entropy"]
+    tags = run.data.tags
+    assert tags["mode"] == "tiny" and tags["device"] == "cpu" and "git_commit" in tags
+    arts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.json", "loss_curve.png"} <= arts
+
+
+def test_non_finite_loss_fails_the_run_with_reason(tiny, store):
+    cfg = config.resolve({**tiny, "lr": "1e12", "grad_clip": "0", "warmup_frac": "0"})
+    with pytest.raises(NonFiniteLoss):
+        with tracking.run(cfg.experiment, "nan-run", system_metrics=False) as log:
+            train(cfg, log, progress=False)
+    run = MlflowClient().get_run(log.run_id)
+    assert run.info.status == "FAILED"
+    assert "NonFiniteLoss" in run.data.tags["error"]
+
+
+def test_memory_logger_run_matches_plan(tiny):
+    cfg = config.resolve(tiny)
+    log = MemoryLogger()
+    result = train(cfg, log, progress=False)
+    plan = make_plan(cfg)
+    assert result.steps == plan.steps == len(log.history("train/loss"))
+    assert log.params["n_params_total"] == plan.counts["n_params_total"]
