@@ -96,6 +96,7 @@ def test_mlflow_run_tiny_end_to_end(tiny, store):
     assert run.data.params["mode"] == "tiny" and run.data.params["n_embd"] in ("", "''")  # as passed (mlflow logs the shell-quoted empty default)
     assert run.data.params["resolved.n_embd"] == "32"  # as used
     assert run.data.tags["mlflow.project.entryPoint"] == "main"
+    assert run.data.tags["scaling_lab.kind"] == "train"
 
 
 @pytest.mark.slow

@@ -84,7 +84,7 @@ def main_train(argv: list[str]) -> int:
         if launched and launched != run_id:
             tracking.end_stray_run(launched, f"resume of {run_id}: training continued in that run")
     try:
-        with tracking.run(cfg.experiment, run_name(cfg), run_id=run_id) as log:
+        with tracking.run(cfg.experiment, run_name(cfg), run_id=run_id, tags={"scaling_lab.kind": "train"}) as log:
             result = train(cfg, log)
     except (config.ConfigError, DataUnavailable, NonFiniteLoss) as exc:
         error(str(exc))
