@@ -194,6 +194,8 @@ class RunConfig:
     """MLflow experiment name."""
     run_name: str = ""
     """MLflow run name ('' = generated from shape and budget)."""
+    dry_run: bool = False
+    """Print the plan and estimated cost, then exit: no training, no MLflow run (see docs/estimate-and-doctor.md)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(tokens=1))
@@ -205,7 +207,8 @@ class RunConfig:
 
     def flat(self) -> dict[str, Any]:
         """All fields as one flat dict keyed by field name (the MLflow param keys)."""
-        out: dict[str, Any] = {"mode": self.mode, "experiment": self.experiment, "run_name": self.run_name}
+        out: dict[str, Any] = {"mode": self.mode, "experiment": self.experiment, "run_name": self.run_name,
+                               "dry_run": self.dry_run}
         for part in (self.model, self.data, self.train):
             out.update(dataclasses.asdict(part))
         return out
@@ -233,7 +236,7 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 _PARTS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}  # data first: vocab errors name vocab_size
-TOP_FIELDS = ("mode", "experiment", "run_name")
+TOP_FIELDS = ("mode", "experiment", "run_name", "dry_run")
 
 
 def field_names() -> list[str]:
@@ -246,7 +249,7 @@ def field_names() -> list[str]:
 
 def field_types() -> dict[str, type]:
     """Python type of every user-facing field, for parsing CLI strings."""
-    types: dict[str, type] = {name: str for name in TOP_FIELDS}
+    types: dict[str, type] = {name: str for name in TOP_FIELDS} | {"dry_run": bool}
     for cls in _PARTS.values():
         hints = {f.name: f.type for f in fields(cls)}
         for name, t in hints.items():
@@ -319,4 +322,4 @@ def from_flat(flat: dict[str, Any]) -> RunConfig:
     for part, cls in _PARTS.items():
         names = {f.name for f in fields(cls)}
         parts[part] = cls(**{k: v for k, v in flat.items() if k in names})
-    return RunConfig(**{k: flat[k] for k in TOP_FIELDS}, **parts)
+    return RunConfig(**{k: flat[k] for k in TOP_FIELDS if k in flat}, **parts)  # older checkpoints: no dry_run

@@ -11,3 +11,7 @@ class StopTraining(Exception):
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM during training: a checkpoint was saved; the run ends KILLED."""
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store did not answer when metrics had to be written; they are kept in the checkpoint."""

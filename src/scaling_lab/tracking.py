@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 import scaling_lab
-from scaling_lab.errors import Interrupted
+from scaling_lab.errors import Interrupted, TrackingUnavailable
 
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 MAX_PARAMS_PER_BATCH = 100
@@ -82,16 +81,23 @@ class RunLogger:
         self.flush_secs = flush_secs
         self._buffer: list[Metric] = []
         self._last_flush = time.monotonic()
-        self.last_step = self._stored_last_step()
+        self._stored = self._stored_last_steps()  # {key: last stored step} of a continued training run
+        self._latest: dict[str, int] = {}  # {key: step} last buffered in this process (drops exact repeats)
+        self.last_step = self._stored.get("train/loss", 0)
         self.flush_seconds_total = 0.0  # wall time spent writing metrics (for the overhead figure)
         self.flush_failures = 0
+        self.unreachable_since: float | None = None  # monotonic time of the first failed flush of an outage
 
-    def _stored_last_step(self) -> int:
+    def _stored_last_steps(self) -> dict[str, int]:
+        """Last stored step per metric key, for a training run being continued (it has ``train/loss``)."""
         try:
-            hist = self.client.get_metric_history(self.run_id, "train/loss")
+            keys = list(self.client.get_run(self.run_id).data.metrics)
+            if "train/loss" not in keys:
+                return {}
+            return {k: max((m.step for m in self.client.get_metric_history(self.run_id, k)), default=0)
+                    for k in keys}
         except mlflow.exceptions.MlflowException:
-            return 0
-        return max((m.step for m in hist), default=0)
+            return {}
 
     # -- the callback protocol used by train() --------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
@@ -106,32 +112,51 @@ class RunLogger:
         self.client.log_batch(self.run_id, tags=items)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if step <= self.last_step and step > 0:
-            return  # already stored before an interruption
+        # flush between steps, never inside one, so a kill leaves whole steps stored
+        if self._buffer and step != self._buffer[-1].step and (
+                len(self._buffer) >= MAX_METRICS_PER_BATCH or time.monotonic() - self._last_flush > self.flush_secs):
+            self.flush(raise_on_error=False)
         ts = int(time.time() * 1000)
         for k, v in metrics.items():
+            if (0 < step <= self._stored.get(k, 0)) or self._latest.get(k) == step:
+                continue  # stored before an interruption (resume), or already buffered at this step
+            self._latest[k] = step
             v = float(v)
             self._buffer.append(Metric(k, v if math.isfinite(v) else float("nan"), ts, step))
-        if len(self._buffer) >= MAX_METRICS_PER_BATCH or time.monotonic() - self._last_flush > self.flush_secs:
-            self.flush(raise_on_error=False)
+
+    def unsent(self) -> list[tuple[int, str, float]]:
+        """(step, key, value) of the metrics not yet written (checkpoints keep them; resume sends them)."""
+        return [(m.step, m.key, m.value) for m in self._buffer]
 
     def flush(self, raise_on_error: bool = True, retries: int = 1, wait: float = 2.0) -> None:
-        """Write buffered metrics. On failure keep them for the next call (or raise when asked)."""
+        """Write buffered metrics. On failure keep them for the next call, or raise TrackingUnavailable when
+        asked. Over HTTP one attempt is a single request (MLflow's minutes of retries off, 30 s timeout) so an
+        absent server does not stall training; the metrics wait in memory (and in checkpoints) meanwhile."""
         t0 = time.monotonic()
         attempt = 0
         while self._buffer:
             chunk = self._buffer[:MAX_METRICS_PER_BATCH]
             try:
-                self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+                with _single_http_attempt():
+                    self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
                 del self._buffer[: len(chunk)]
+                if self.unreachable_since is not None:
+                    print(f"tracking: store answers again after {time.monotonic() - self.unreachable_since:.0f} s; "
+                          f"kept metrics sent", file=sys.stderr)
+                    self.unreachable_since = None
             except Exception as exc:  # server unreachable, lock timeout: keep the metrics
                 attempt += 1
                 self.flush_failures += 1
+                if self.unreachable_since is None:
+                    self.unreachable_since = time.monotonic()
+                    print(f"tracking: cannot write metrics to {tracking_uri()} ({type(exc).__name__}); training goes "
+                          f"on and keeps them ({len(self._buffer)} values so far) until it answers", file=sys.stderr)
                 if attempt >= retries:
                     if raise_on_error:
-                        raise
-                    warnings.warn(f"metric logging deferred ({type(exc).__name__}): {len(self._buffer)} values kept",
-                                  stacklevel=2)
+                        raise TrackingUnavailable(
+                            f"tracking store {tracking_uri()} unreachable: {len(self._buffer)} metric values of run "
+                            f"{self.run_id} not written ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                        ) from exc
                     break
                 time.sleep(wait)
         self._last_flush = time.monotonic()
@@ -143,6 +168,25 @@ class RunLogger:
     @property
     def pending(self) -> int:
         return len(self._buffer)
+
+
+@contextlib.contextmanager
+def _single_http_attempt(timeout_s: int = 30):
+    """MLflow HTTP requests in this block: one attempt, ``timeout_s`` at most (env vars MLflow reads per call)."""
+    if not tracking_uri().startswith("http"):
+        yield
+        return
+    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -213,11 +257,44 @@ def _system_metrics(run_id: str):
 
 
 def end_stray_run(run_id: str, reason: str) -> None:
-    """Close and delete a run ``mlflow run`` created that the script will not use (e.g. on resume)."""
+    """Close and delete a run ``mlflow run`` created that the script will not use (resume, dry run).
+
+    ``mlflow run`` sets the status of its run once more after the script exits, and that fails on a
+    deleted run (exit code 1). So under ``mlflow run`` the run is ended now and deleted by a small
+    detached process as soon as the ``mlflow run`` process is gone.
+    """
     client = MlflowClient()
     client.set_tag(run_id, "scaling_lab.note", reason)
     client.set_terminated(run_id, "FINISHED")
-    client.delete_run(run_id)
+    launcher = _mlflow_run_pid()
+    if launcher is None:
+        client.delete_run(run_id)
+        return
+    code = "import sys; from scaling_lab.tracking import _delete_when_gone; _delete_when_gone(*sys.argv[1:])"
+    subprocess.Popen([sys.executable, "-c", code, run_id, str(launcher), tracking_uri()], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+def _mlflow_run_pid() -> int | None:
+    """Process id of the ``mlflow run`` that launched this script (an ancestor), or None."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        for proc in psutil.Process().parents():
+            cmd = proc.cmdline()
+            if any(Path(a).name == "mlflow" and cmd[i + 1 : i + 2] == ["run"] for i, a in enumerate(cmd[:3])):
+                return proc.pid
+    return None
+
+
+def _delete_when_gone(run_id: str, pid: str, uri: str, timeout_s: float = 3600) -> None:
+    """Wait for process ``pid`` (``mlflow run``) to exit, then delete the run."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        psutil.Process(int(pid)).wait(timeout=timeout_s)
+    MlflowClient(uri).delete_run(run_id)
 
 
 def fail_run(run_id: str, reason: str) -> None:
@@ -235,3 +312,181 @@ def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
     """(step, value) pairs of one metric, sorted by step."""
     hist = MlflowClient().get_metric_history(run_id, key)
     return sorted((m.step, m.value) for m in hist)
+
+
+# --- queries (analysis) ---
+
+
+def _client(uri: str | None = None) -> MlflowClient:
+    return MlflowClient(uri or tracking_uri())
+
+
+def _descendants(frame, root: str) -> set[str]:
+    """Run ids below ``root`` through mlflow.parentRunId links (a search parent -> study parents -> trials)."""
+    col = "tags.mlflow.parentRunId"
+    if col not in frame.columns:
+        return set()
+    children: dict[str, list[str]] = {}
+    for rid, parent in zip(frame["run_id"], frame[col]):
+        if isinstance(parent, str) and parent:
+            children.setdefault(parent, []).append(rid)
+    out, todo = set(), [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def runs_frame(experiments: list[str] | None = None, filter_string: str = "", parent_run_id: str = "",
+               tags: dict[str, str] | None = None, uri: str | None = None):
+    """Runs as a pandas DataFrame (one row per run): run_id, status, experiment_id, ``params.<k>``,
+    ``metrics.<k>`` (last value) and ``tags.<k>`` columns, as ``mlflow.search_runs`` returns them.
+
+    ``experiments`` are names (default: every experiment); ``tags`` adds ``tags.`k` = 'v'`` terms to
+    ``filter_string``; ``parent_run_id`` keeps the runs below that run at any depth. Deleted runs are left out.
+    """
+    import pandas as pd
+
+    client = _client(uri)
+    if experiments:
+        exps = []
+        for name in experiments:
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                from scaling_lab.config import ConfigError
+
+                known = [e.name for e in client.search_experiments()]
+                raise ConfigError("experiment", name, "an experiment in the store: " + ", ".join(known))
+            exps.append(exp.experiment_id)
+    else:
+        exps = [e.experiment_id for e in client.search_experiments()]
+    terms = [filter_string] if filter_string else []
+    for k, v in (tags or {}).items():
+        terms.append(f"tags.`{k}` = '{v}'")
+    rows = []
+    token = None
+    while True:
+        page = client.search_runs(exps, " and ".join(terms), max_results=50000, page_token=token)
+        for r in page:
+            row: dict[str, Any] = {"run_id": r.info.run_id, "status": r.info.status,
+                                   "experiment_id": r.info.experiment_id, "start_time": r.info.start_time}
+            row.update({f"params.{k}": v for k, v in r.data.params.items()})
+            row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
+            row.update({f"tags.{k}": v for k, v in r.data.tags.items()})
+            rows.append(row)
+        token = page.token
+        if not token:
+            break
+    frame = pd.DataFrame(rows)
+    if parent_run_id and not frame.empty:
+        frame = frame[frame["run_id"].isin(_descendants(frame, parent_run_id))]
+    return frame.reset_index(drop=True)
+
+
+def metric_histories(run_ids: list[str], keys: list[str], uri: str | None = None,
+                     workers: int = 4) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Full histories of ``keys`` for many runs: {run_id: {key: [(step, value), ...] sorted by step}}.
+    Requests go out on a few threads (a remote server answers them in parallel; SQLite serializes them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = _client(uri)
+
+    def one(rid: str) -> tuple[str, dict[str, list[tuple[int, float]]]]:
+        return rid, {k: sorted((m.step, m.value) for m in client.get_metric_history(rid, k)) for k in keys}
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return dict(pool.map(one, run_ids))
+
+
+def log_report(run_id: str, folder: str | Path, artifact_path: str = "report") -> None:
+    """Log every file of a report folder as artifacts of ``run_id``."""
+    MlflowClient().log_artifacts(run_id, str(folder), artifact_path)
+
+
+# --- studies (search) ---
+
+
+def find_study_run(experiment: str, study: str, storage: str) -> str | None:
+    """The parent run of an Optuna study (tags scaling_lab.kind=study, study, storage), so a re-run of a
+    search reuses it; None when there is none yet. Deleted runs are ignored."""
+    exp_id = setup(experiment)
+    flt = (f"tags.`scaling_lab.kind` = 'study' and tags.study = '{study}' and tags.storage = '{storage}'")
+    runs = MlflowClient().search_runs([exp_id], flt, max_results=10, order_by=["attributes.start_time ASC"])
+    return runs[0].info.run_id if runs else None
+
+
+def close_stale_trial_runs(parent_run_id: str, reason: str) -> list[str]:
+    """End KILLED (tags trial_state=FAIL, killed_by) the trial runs under a study parent still RUNNING
+    because their process died."""
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    flt = f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    closed = []
+    for r in client.search_runs([parent.info.experiment_id], flt, max_results=1000):
+        client.log_batch(r.info.run_id, tags=[RunTag("trial_state", "FAIL"), RunTag("killed_by", reason)])
+        client.set_terminated(r.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+        closed.append(r.info.run_id)
+    return closed
+
+
+def end_pruned_run(run_id: str, reason: str) -> None:
+    """A pruned trial: status KILLED, tags trial_state=PRUNED and killed_by=<reason>; its partial curve stays."""
+    client = MlflowClient()
+    client.log_batch(run_id, tags=[RunTag("trial_state", "PRUNED"), RunTag("killed_by", reason[:PARAM_VALUE_LIMIT])])
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+
+
+def finish_invocation_run(run_id: str, table: str, study_runs: dict[str, str]) -> None:
+    """The run ``mlflow run -e search`` created: tag it kind=search with its studies' parent runs, attach the
+    closing table, end FINISHED."""
+    import tempfile
+
+    client = MlflowClient()
+    tags = [RunTag("scaling_lab.kind", "search"), RunTag("study_runs", ",".join(study_runs.values())[:PARAM_VALUE_LIMIT]),
+            RunTag("studies", ",".join(study_runs)[:PARAM_VALUE_LIMIT])]
+    client.log_batch(run_id, tags=tags)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "search_table.txt"
+        path.write_text(table + "\n")
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def check_store(experiment: str = "", uri: str | None = None, timeout_s: int = 5) -> tuple[bool, str]:
+    """Doctor check: does the tracking store answer, and does it accept a write? Returns (ok, detail).
+
+    SQLite: a missing file is fine when its folder is writable (it is created on first use); an existing
+    one is read and gets an experiment tag ``scaling_lab.doctor`` (the write test). Servers: the same read
+    and tag, with MLflow's HTTP retries off and a short timeout so an absent server answers in seconds.
+    """
+    uri = uri or tracking_uri()
+    if uri.startswith("sqlite:"):
+        path = Path(uri.split(":///", 1)[-1]) if ":///" in uri else None
+        if path is None or not path.exists():
+            folder = path.parent if path else Path.cwd()
+            if not folder.is_dir() or not os.access(folder, os.W_OK):
+                return False, f"{uri}: folder {folder} does not exist or is not writable"
+            return True, f"{uri} (not created yet; folder {folder} is writable)"
+        if not os.access(path, os.W_OK):
+            return False, f"{uri}: file is not writable"
+    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment) if experiment else None
+        exps = [exp] if exp is not None else client.search_experiments(max_results=1)
+        if not exps:
+            return True, f"{uri} (reachable; no experiment yet to test a write)"
+        client.set_experiment_tag(exps[0].experiment_id, "scaling_lab.doctor", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        return True, f"{uri} (read and wrote experiment '{exps[0].name}')"
+    except Exception as exc:  # unreachable server, bad credentials, locked or corrupt file
+        return False, f"{uri}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

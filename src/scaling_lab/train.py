@@ -40,6 +40,7 @@ class Logger(Protocol):
     def set_tags(self, tags: dict[str, Any]) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def flush(self, raise_on_error: bool = True) -> None: ...
+    def unsent(self) -> list[tuple[int, str, float]]: ...
 
 
 @dataclass
@@ -69,8 +70,21 @@ class MemoryLogger:
     def flush(self, raise_on_error: bool = True) -> None:
         pass
 
+    def unsent(self) -> list[tuple[int, str, float]]:
+        return []
+
     def history(self, key: str) -> list[tuple[int, float]]:
         return [(s, v) for s, k, v in self.metrics if k == key]
+
+
+@dataclass
+class NullLogger(MemoryLogger):
+    """A Logger that drops everything (ranks other than 0 under torchrun)."""
+
+    run_id: str = "null"
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
 
 
 @dataclass
@@ -190,7 +204,8 @@ def checkpoint_path(cfg: RunConfig, run_id: str) -> Path:
     return Path(cfg.train.checkpoint_dir) / run_id / "last.pt"
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, cfg: RunConfig, history: list[float]) -> None:
+def save_checkpoint(path: Path, model, optimizer, step: int, cfg: RunConfig, history: list[float],
+                    unsent: list[tuple[int, str, float]] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "model": model.state_dict(),
@@ -200,6 +215,7 @@ def save_checkpoint(path: Path, model, optimizer, step: int, cfg: RunConfig, his
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         "history": history,
+        "unsent": unsent or [],  # (step, key, value) the tracker could not write yet; resume sends them
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -243,6 +259,41 @@ def _stop_on_signals():
             signal.signal(s, h)
 
 
+# --------------------------------------------------------------------------- several processes (torchrun)
+
+
+def dist_setup(device_name: str = "auto") -> tuple[int, int]:
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) join the process group once: NCCL on CUDA, gloo
+    on CPU. One process: (0, 1), nothing initialised."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def dist_teardown() -> None:
+    """Leave the process group (torchrun runs), if one was joined."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def dist_micro_batch(micro: int, batch_size: int, world: int) -> int:
+    """Largest micro-batch <= ``micro`` whose count of micro-batches per step splits evenly over ``world``."""
+    for d in range(micro, 0, -1):
+        if batch_size % d == 0 and (batch_size // d) % world == 0:
+            return d
+    raise ConfigError("batch_size", batch_size, f"a multiple of the number of processes ({world})")
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -257,8 +308,11 @@ def train(
     t0 = time.perf_counter()
     m, tc = cfg.model, cfg.train
 
-    # 1. device, precision, seeds
+    # 1. processes, device, precision, seeds
+    rank, world = dist_setup(tc.device)
     device = pick_device(tc.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     dtype = pick_dtype(tc.dtype, device)
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
@@ -268,12 +322,16 @@ def train(
 
     # 2. plan and data
     plan = make_plan(cfg)
+    if world > 1 and rank > 0:
+        _barrier()  # rank 0 fills the token cache first
     train_tokens = data.load_tokens(cfg.data, cfg.data.train_split, max_tokens=plan.tokens_trained)
     val_tokens = data.load_tokens(cfg.data, cfg.data.val_split, max_tokens=tc.eval_tokens * 4)
     batches = data.Batches(train_tokens.ids, m.block_size, tc.seed)
     val_x, val_y = data.eval_windows(val_tokens.ids, m.block_size, tc.eval_tokens)
     enc = data.get_encoding(cfg.data.vocab_size, cfg.data.tokenizer)
     val_bytes = int(data.token_byte_lengths(enc)[val_y.numpy()].sum())  # bytes the scored targets stand for
+    if world > 1 and rank == 0:
+        _barrier()
     prep_s = time.perf_counter() - t0
 
     # 3. model and optimizer
@@ -282,9 +340,18 @@ def train(
     optimizer = torch.optim.AdamW(model.param_groups(tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                                   fused=fused, foreach=None if fused else True)
     micro = pick_micro_batch(cfg, device)
-    accum = tc.batch_size // micro
+    if world > 1:
+        micro = dist_micro_batch(micro, tc.batch_size, world)
+    accum = tc.batch_size // micro  # micro-batches per optimizer step, all processes together
+    mine = list(range(rank, accum, world))  # this process's micro-batch indices (batches: f(seed, step, k))
     compile_on = tc.compile == "true" or (tc.compile == "auto" and device.type == "cuda")
-    fwd = torch.compile(model) if compile_on else model
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    fwd = torch.compile(net) if compile_on else net
+    eval_fwd = fwd if world == 1 else model  # evaluation needs no gradient sync
 
     # 4. resume
     start, history = 0, []
@@ -297,6 +364,8 @@ def train(
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
+        for s in sorted({s for s, _, _ in state.get("unsent", [])}):  # metrics the store missed before the stop
+            log.log_metrics({k: v for s2, k, v in state["unsent"] if s2 == s}, step=s)
     else:
         log.log_params({f"resolved.{k}": v for k, v in cfg.flat().items()} | plan.params()
                        | {"n_vocab": m.n_vocab, "micro_batch_used": micro, "grad_accum": accum,
@@ -312,13 +381,13 @@ def train(
     def evaluate() -> float:
         model.eval()
         total = 0.0
-        for i in range(0, len(val_x), micro):
+        for i in range(rank * micro, len(val_x), micro * world):  # each process scores its share of windows
             x, y = val_x[i : i + micro].to(device), val_y[i : i + micro].to(device)
             with autocast:
-                _, loss = fwd(x, y)
+                _, loss = eval_fwd(x, y)
             total += loss.item() * len(x)
         model.train()
-        return total / len(val_x)
+        return _sum_over_processes(torch.tensor([total]), world, device)[0].item() / len(val_x)
 
     # 5. the loop
     tok_per_step = plan.tokens_per_step
@@ -332,17 +401,24 @@ def train(
             lr = lr_at(step, plan.steps, tc.lr, tc.warmup_frac, tc.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
-            for k in range(accum):
+            loss_sum = torch.zeros((), device=device)
+            for j, k in enumerate(mine):
                 x, y = batches.get(step, k, micro)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast:
-                    _, loss = fwd(x, y)
-                (loss / accum).backward()
+                sync = world == 1 or j == len(mine) - 1  # DDP all-reduces gradients on the last micro-batch only
+                with contextlib.nullcontext() if sync else net.no_sync():
+                    with autocast:
+                        _, loss = fwd(x, y)
+                    (loss / len(mine)).backward()  # DDP averages over processes: the mean over all accum
                 loss_sum += loss.detach()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip else math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            # one collective per step: the loss summed over processes, and whether any process got a signal
+            loss_sum, stop_any = _sum_over_processes(torch.stack([loss_sum.float().cpu(),
+                                                                  torch.tensor(float(stop.is_set()))]), world, device)
+            if stop_any > 0:
+                stop.set()
             train_loss = float(loss_sum) / accum  # syncs the device once per step
             done = step + 1
             if not math.isfinite(train_loss):
@@ -367,11 +443,10 @@ def train(
                         stopped = True
                         break
             at_ckpt = (done % plan.checkpoint_every == 0) if plan.checkpoint_every else done in plan.eval_steps
-            if at_ckpt and done < plan.steps:
-                save_checkpoint(ckpt, model, optimizer, done, cfg, history)
+            if ((at_ckpt and done < plan.steps) or stop.is_set()) and rank == 0:
+                log.flush(raise_on_error=False)  # stored history reaches the checkpoint (kill -9 leaves no gap)
+                save_checkpoint(ckpt, model, optimizer, done, cfg, history, log.unsent())
             if stop.is_set():
-                save_checkpoint(ckpt, model, optimizer, done, cfg, history)
-                log.flush(raise_on_error=False)
                 bar.close()
                 raise Interrupted(f"signal at step {done}; checkpoint {ckpt}")
     bar.close()
@@ -380,11 +455,13 @@ def train(
     done = len(history)
 
     # 6. final evaluation, artifacts
-    if not stopped and (not plan.eval_steps or plan.eval_steps[-1] != plan.steps):
+    if not stopped and (not plan.eval_steps or plan.eval_steps[-1] != plan.steps or math.isnan(val_loss)):
         val_loss = evaluate()
     bpb = data.bits_per_byte(val_loss, val_y.numel(), val_bytes)
     log.log_metrics({"final/val_loss": val_loss, "final/val_bpb": bpb}, step=done)
-    save_checkpoint(ckpt, model, optimizer, done, cfg, history)
+    if rank == 0:
+        save_checkpoint(ckpt, model, optimizer, done, cfg, history, log.unsent())
+    log.flush()  # raises TrackingUnavailable when the store is away: the checkpoint keeps the metrics
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "config.json"
         import json
@@ -401,6 +478,23 @@ def train(
     tps = steps_run * tok_per_step / loop_s if loop_s > 0 else 0.0
     return TrainResult(log.run_id, val_loss, bpb, done, done * tok_per_step, wall, tps, stopped,
                        getattr(log, "flush_seconds_total", 0.0), history)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def _sum_over_processes(t: torch.Tensor, world: int, device: torch.device) -> torch.Tensor:
+    """Element-wise sum of a small CPU tensor over all processes (itself with one process)."""
+    if world > 1:
+        import torch.distributed as dist
+
+        t = t.to(device)  # NCCL reduces CUDA tensors only; gloo CPU ones
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t = t.cpu()
+    return t
 
 
 class _progress:

@@ -1,0 +1,15 @@
+"""Fit scaling laws and write the report: the same as `mlflow run . -e analyze` (flags: see --help).
+
+    python analysis/fit.py --experiment scaling-lab --tags study=quick
+    python analysis/fit.py --source csv --csv chinchilla.csv --columns params=N,tokens=D,loss=L --log false
+"""
+
+import os
+import sys
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # tiny fits: one BLAS thread is fastest
+
+from scaling_lab.analyze import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

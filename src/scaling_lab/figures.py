@@ -1,0 +1,262 @@
+"""Report figures (matplotlib, one style), each saved as PNG and SVG. No torch, no mlflow.
+
+Every function takes the analysis' data and fit results (see ``scaling_lab.analyze``) and returns the paths it
+wrote. Inputs are plain numpy/pandas objects so the figures can be redrawn from ``fits.json`` and a runs table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from scaling_lab import laws  # noqa: E402
+
+STYLE = {
+    "figure.dpi": 110, "savefig.dpi": 150, "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9,
+    "legend.fontsize": 7.5, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
+    "axes.spines.right": False, "lines.linewidth": 1.4, "svg.hashsalt": "scaling-lab",
+}
+CMAP = "viridis"
+KAPLAN_COLOR, CHINCHILLA_COLOR, FIT_COLOR = "#d62728", "#1f77b4", "#222222"
+# Published reference points: GPT-3 175B on 300B tokens (Brown et al. 2020), Chinchilla 70B on 1.4T tokens
+# (Hoffmann et al. 2022, Table 1); FLOPs as in Hoffmann et al. 2022, Table 3 footnote (GPT-3 3.14e23).
+REFERENCE_MODELS = {"GPT-3": (3.14e23, 175e9, 300e9), "Chinchilla": (5.76e23, 70e9, 1.4e12)}
+
+
+def _save(fig, folder: Path, name: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.png", folder / f"{name}.svg"]
+    fig.tight_layout()
+    for p in paths:
+        fig.savefig(p, metadata={"Date": None} if p.suffix == ".svg" else None)
+    plt.close(fig)
+    return paths
+
+
+def _colors(n: int) -> list:
+    return [plt.get_cmap(CMAP)(x) for x in np.linspace(0.05, 0.9, max(n, 1))]
+
+
+def isoflop(N: np.ndarray, L: np.ndarray, labels: np.ndarray, fit: laws.IsoFlopFit, folder: Path, name: str,
+            title: str) -> list[Path]:
+    """Loss against N for each budget, with the Approach 2 parabola and its minimum."""
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5.2, 3.8))
+        groups = np.unique(labels)
+        cols = _colors(len(groups))
+        for g, col in zip(groups, cols):
+            m = labels == g
+            ax.scatter(N[m], L[m], s=14, color=col, zorder=3)
+        for b, p, n_opt, ok, g in zip(fit.budgets, fit.parabolas, fit.n_opt, fit.inside, fit.groups):
+            col = cols[list(groups).index(g)]
+            ng = N[labels == g]
+            x = np.linspace(np.log(ng.min()) - 0.2, np.log(ng.max()) + 0.2, 200)
+            ax.plot(np.exp(x), np.polyval(p, x), color=col, alpha=0.8, label=f"C = {b:.2g}")
+            ax.plot([n_opt], [np.polyval(p, math.log(n_opt))], marker="*" if ok else "x", ms=10, color=col,
+                    markeredgecolor="k", zorder=4)
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters N")
+        ax.set_ylabel("validation loss (nats/token)")
+        lo, hi = np.nanmin(L), np.nanmax(L)
+        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+        ax.set_title(title)
+        ax.legend(title="budget (FLOPs); * = minimum", loc="upper right")
+        return _save(fig, folder, name)
+
+
+def optimal_vs_compute(fits: dict[str, Any], boot: dict[str, np.ndarray], folder: Path, name: str,
+                       title: str) -> list[Path]:
+    """N_opt and D_opt against C: Approach 1/2 points, fitted lines with 95% bands, Kaplan (0.73) and
+    Chinchilla (0.50) reference slopes through the middle of the fitted range."""
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+        for ax, what, ref in ((axes[0], "n", (laws.KAPLAN_A, laws.CHINCHILLA_A)),
+                              (axes[1], "d", (1 - laws.KAPLAN_A, 1 - laws.CHINCHILLA_A))):
+            cs_all = []
+            for key, marker, color in (("approach1", "o", "#2ca02c"), ("approach2", "s", "#9467bd"),
+                                       ("approach3", None, "#ff7f0e")):
+                f = fits.get(key)
+                if f is None:
+                    continue
+                if key != "approach3":
+                    cs = np.asarray(f.flops if key == "approach1" else f.budgets)
+                    ys = np.asarray(f.n_opt if what == "n" else f.d_opt)
+                    ax.scatter(cs, ys, marker=marker, s=18, color=color, zorder=3, label=f"{key} points")
+                    cs_all += list(cs)
+            if not cs_all:
+                continue
+            grid = np.exp(np.linspace(math.log(min(cs_all)) - 0.3, math.log(max(cs_all)) + 0.3, 100))
+            for key, color in (("approach1", "#2ca02c"), ("approach2", "#9467bd"), ("approach3", "#ff7f0e")):
+                f = fits.get(key)
+                if f is None:
+                    continue
+                y = f.n_at(grid) if what == "n" else f.d_at(grid)
+                exp_ = f.a if what == "n" else f.b
+                ax.plot(grid, y, color=color, label=f"{key}: {'a' if what == 'n' else 'b'} = {exp_:.3f}")
+                band = boot.get(f"{key}/{what}_grid")
+                if band is not None and len(band) > 1:
+                    ax.fill_between(grid, np.quantile(band, 0.025, axis=0), np.quantile(band, 0.975, axis=0),
+                                    color=color, alpha=0.15, lw=0)
+            mid_c = math.exp(np.mean(np.log(grid)))
+            main = fits.get("approach2") or fits.get("approach3") or fits.get("approach1")
+            mid_y = float(main.n_at(mid_c) if what == "n" else main.d_at(mid_c))
+            for slope, color, lab in ((ref[0], KAPLAN_COLOR, "Kaplan"), (ref[1], CHINCHILLA_COLOR, "Chinchilla")):
+                ax.plot(grid, mid_y * (grid / mid_c) ** slope, ls="--", color=color, lw=1,
+                        label=f"{lab} slope {slope:.2f}")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("compute C (FLOPs)")
+            ax.set_ylabel("N_opt (parameters)" if what == "n" else "D_opt (tokens)")
+            ax.legend(loc="upper left")
+        fig.suptitle(title)
+        return _save(fig, folder, name)
+
+
+def contours(fit: laws.ChinchillaFit, N: np.ndarray, D: np.ndarray, budgets: Sequence[float], folder: Path,
+             name: str, title: str) -> list[Path]:
+    """Approach 3 loss contours over (N, D) with iso-FLOP lines C = kND and the compute-optimal frontier."""
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5.2, 4.2))
+        n = np.exp(np.linspace(np.log(N.min()) - 1, np.log(N.max()) + 1, 120))
+        d = np.exp(np.linspace(np.log(D.min()) - 1, np.log(D.max()) + 1, 120))
+        NN, DD = np.meshgrid(n, d)
+        Z = fit.loss(NN, DD)
+        cs = ax.contourf(NN, DD, Z, levels=20, cmap=CMAP)
+        cs.set_rasterized(True)  # keeps the SVG small
+        fig.colorbar(cs, ax=ax, label="predicted loss")
+        ax.scatter(N, D, s=8, color="w", edgecolor="k", lw=0.4, zorder=3, label="runs")
+        for c in budgets:
+            ax.plot(n, c / (fit.k * n), color="w", lw=0.8, ls=":")
+        cgrid = fit.k * NN.min() * DD.min() * np.logspace(0, np.log10(NN.max() * DD.max() / (NN.min() * DD.min())),
+                                                          60)
+        ax.plot(fit.n_at(cgrid), fit.d_at(cgrid), color="r", lw=1.6, label=f"frontier N ∝ C^{fit.a:.2f}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(n.min(), n.max())
+        ax.set_ylim(d.min(), d.max())
+        ax.set_xlabel("parameters N")
+        ax.set_ylabel("tokens D")
+        ax.set_title(title)
+        ax.legend(loc="upper right")
+        return _save(fig, folder, name)
+
+
+def training_curves(curves: Sequence[laws.Curve], finals: dict[str, np.ndarray], folder: Path, name: str,
+                    title: str, max_curves: int = 100) -> list[Path]:
+    """2x2: curves against tokens and against FLOPs coloured by N; final loss against N coloured by D and
+    against D coloured by N. At most ``max_curves`` curves are drawn (evenly over N), so the SVG stays light."""
+    if len(curves) > max_curves:
+        order = sorted(range(len(curves)), key=lambda i: curves[i].N)
+        keep = np.linspace(0, len(order) - 1, max_curves).round().astype(int)
+        title = f"{title}: {max_curves} of {len(curves)} curves drawn"
+        curves = [curves[order[i]] for i in keep]
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(2, 2, figsize=(9, 6.5))
+        if curves:
+            ns = np.array([c.N for c in curves], dtype=float)
+            norm = matplotlib.colors.LogNorm(ns.min(), ns.max() * (1 + 1e-9))
+            cmap = plt.get_cmap(CMAP)
+            for c in curves:
+                axes[0, 0].plot(c.tokens, c.loss, color=cmap(norm(c.N)), lw=0.9, alpha=0.8, rasterized=True)
+                axes[0, 1].plot(c.flops, c.loss, color=cmap(norm(c.N)), lw=0.9, alpha=0.8, rasterized=True)
+            fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[0, 1], label="N")
+        for ax, xl in ((axes[0, 0], "tokens seen"), (axes[0, 1], "FLOPs spent")):
+            ax.set_xscale("log")
+            ax.set_xlabel(xl)
+            ax.set_ylabel("validation loss")
+        N, D, L = finals["N"], finals["D"], finals["L"]
+        many = len(N) > 200  # rasterize dense scatters so the SVG stays light
+        s1 = axes[1, 0].scatter(N, L, c=np.log10(D), cmap=CMAP, s=14, rasterized=many)
+        fig.colorbar(s1, ax=axes[1, 0], label="log10 D")
+        s2 = axes[1, 1].scatter(D, L, c=np.log10(N), cmap=CMAP, s=14, rasterized=many)
+        fig.colorbar(s2, ax=axes[1, 1], label="log10 N")
+        for ax, xl in ((axes[1, 0], "parameters N"), (axes[1, 1], "tokens D")):
+            ax.set_xscale("log")
+            ax.set_xlabel(xl)
+            ax.set_ylabel("final validation loss")
+        axes[0, 0].set_title("by N, against tokens")
+        axes[0, 1].set_title("by N, against FLOPs")
+        axes[1, 0].set_title("final loss by N (colour D)")
+        axes[1, 1].set_title("final loss by D (colour N)")
+        fig.suptitle(title)
+        return _save(fig, folder, name)
+
+
+def fitted_vs_observed(fit: laws.ChinchillaFit, N: np.ndarray, D: np.ndarray, L: np.ndarray, folder: Path,
+                       name: str, title: str) -> list[Path]:
+    """Approach 3 prediction against observed loss, and the relative residuals against C."""
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+        pred = fit.loss(N, D)
+        axes[0].scatter(L, pred, s=12, c=np.log10(N), cmap=CMAP)
+        lo, hi = min(L.min(), pred.min()), max(L.max(), pred.max())
+        axes[0].plot([lo, hi], [lo, hi], color="k", lw=0.8, ls="--")
+        axes[0].set_xlabel("observed loss")
+        axes[0].set_ylabel("Approach 3 fit")
+        res = (pred - L) / L * 100
+        axes[1].scatter(fit.k * N * D, res, s=12, c=np.log10(N), cmap=CMAP)
+        axes[1].axhline(0, color="k", lw=0.8)
+        axes[1].set_xscale("log")
+        axes[1].set_xlabel("compute C (FLOPs)")
+        axes[1].set_ylabel("residual (fit - observed) / observed, %")
+        axes[1].set_title(f"RMS {np.sqrt(np.mean(res**2)):.2f}%")
+        fig.suptitle(title)
+        return _save(fig, folder, name)
+
+
+def extrapolation(fits: dict[str, Any], boot: dict[str, np.ndarray], fitted_range: tuple[float, float],
+                  budgets: dict[str, float], folder: Path, name: str, title: str) -> list[Path]:
+    """N_opt(C) of each approach from the fitted range out to the named budgets, with 95% bands, the fitted range
+    shaded, and GPT-3 / Chinchilla as published points."""
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        c_hi = max([fitted_range[1], *budgets.values()]) * 3
+        grid = np.exp(np.linspace(math.log(fitted_range[0]), math.log(c_hi), 120))
+        for key, color in (("approach1", "#2ca02c"), ("approach2", "#9467bd"), ("approach3", "#ff7f0e")):
+            f = fits.get(key)
+            if f is None:
+                continue
+            ax.plot(grid, f.n_at(grid), color=color, label=f"{key} (a = {f.a:.3f})")
+            samples = boot.get(f"{key}/params")
+            if samples is not None and len(samples) > 1:
+                ys = np.array([s_k * grid**s_a for s_a, s_k in samples])
+                ax.fill_between(grid, np.quantile(ys, 0.025, axis=0), np.quantile(ys, 0.975, axis=0), color=color,
+                                alpha=0.15, lw=0)
+        ax.axvspan(*fitted_range, color="grey", alpha=0.15, label="fitted range")
+        for lab, (c, n, _d) in REFERENCE_MODELS.items():
+            ax.scatter([c], [n], marker="D", color="k", zorder=4)
+            ax.annotate(lab, (c, n), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        for lab, c in budgets.items():
+            if lab not in REFERENCE_MODELS:
+                ax.axvline(c, color="k", lw=0.6, ls=":")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("compute C (FLOPs)")
+        ax.set_ylabel("compute-optimal N")
+        ax.set_title(title)
+        ax.legend(loc="upper left")
+        return _save(fig, folder, name)
+
+
+def curve_extrapolation(rows: Sequence[dict[str, Any]], folder: Path, name: str) -> list[Path]:
+    """Predicted against actual final loss of each run, from a power-law fit on the first part of its curve."""
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(4.6, 3.8))
+        act = np.array([r["actual"] for r in rows])
+        pred = np.array([r["predicted"] for r in rows])
+        ax.scatter(act, pred, s=14)
+        lo, hi = min(act.min(), pred.min()), max(act.max(), pred.max())
+        ax.plot([lo, hi], [lo, hi], color="k", lw=0.8, ls="--")
+        ax.set_xlabel("actual final validation loss")
+        ax.set_ylabel("predicted from first part of curve")
+        err = np.abs(pred / act - 1) * 100
+        ax.set_title(f"median |error| {np.median(err):.1f}%, max {err.max():.1f}%")
+        return _save(fig, folder, name)

@@ -1,0 +1,188 @@
+"""Scaling out on real engines: torchrun (DDP, gloo on CPU), an `mlflow server` over HTTP (with an outage
+mid-run), and Optuna studies shared by several search workers through a private PostgreSQL cluster."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from servers import SEARCH, MlflowServer, Postgres, finish, free_port, launch, postgres_bindir, wait_for
+
+from scaling_lab import config
+from scaling_lab.train import MemoryLogger, train
+
+PER_STEP = ("train/loss", "lr", "grad_norm", "tokens_seen", "flops_seen", "step_time_ms", "tokens_per_s")
+
+
+def all_runs(client: MlflowClient):
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], max_results=5000)]
+
+
+def steps_of(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def assert_complete(client: MlflowClient, run_id: str) -> list[float]:
+    """Every per-step metric holds steps 1..N exactly once; returns the train/loss curve."""
+    run = client.get_run(run_id)
+    n = int(run.data.params["steps"])
+    for key in PER_STEP:
+        assert steps_of(client, run_id, key) == list(range(1, n + 1)), key
+    val = steps_of(client, run_id, "val/loss")
+    assert len(val) == len(set(val)) and val[-1] == n
+    return [m.value for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)]
+
+
+def falls(losses: list[float]) -> bool:
+    return sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_one_run_same_losses_sigterm_and_resume(tiny, tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={free_port()}", str(Path(__file__).resolve().parents[1] / "mlproject" / "main.py")]
+    over = {**tiny, "checkpoint_every": "10", "checkpoint_dir": str(tmp_path / "ck"), "experiment": "ddp"}
+    proc = launch(over, tmp_path, cmd=torchrun, name="torchrun")
+    run_id = wait_for(lambda: (rs := all_runs(client)) and rs[0].info.run_id, proc, what="the run")
+    ckpt = tmp_path / "ck" / run_id / "last.pt"
+    wait_for(lambda: ckpt.exists() and steps_of(client, run_id, "train/loss"), proc, what="a checkpoint")
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks; they agree on the step to stop at
+    rc, out = finish(proc)
+    assert rc != 0
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED", out[-3000:]
+    at = int(torch.load(ckpt, weights_only=False)["step"])
+    assert 0 < at < int(run.data.params["steps"])
+
+    torchrun[5] = f"--master_port={free_port()}"
+    rc, out = finish(launch({"resume": run_id, "checkpoint_dir": str(tmp_path / "ck")}, tmp_path, cmd=torchrun,
+                            name="torchrun-resume"))
+    assert rc == 0, out[-3000:]
+    runs = all_runs(client)
+    assert len(runs) == 1  # only rank 0 talked to MLflow
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    losses = assert_complete(client, run_id)
+    assert falls(losses)
+    # the same global batch as one process: the same losses as a single-process run with that micro-batch
+    micro = int(run.data.params["micro_batch_used"])
+    assert int(run.data.params["grad_accum"]) % 2 == 0
+    single = MemoryLogger()
+    train(config.resolve({**tiny, "micro_batch": str(micro)}), single, progress=False)
+    ref = [v for _, v in single.history("train/loss")]
+    assert losses == pytest.approx(ref, rel=2e-3)
+
+
+# --------------------------------------------------------------------------- mlflow server
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server = MlflowServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.slow
+def test_training_over_http_survives_server_outage(tiny, tmp_path, mlflow_server):
+    client = MlflowClient(mlflow_server.uri)
+    over = {**tiny, "tokens": "81920", "checkpoint_every": "10", "checkpoint_dir": str(tmp_path / "ck"),
+            "experiment": "http"}
+    proc = launch(over, tmp_path, uri=mlflow_server.uri, name="train-http")
+    run_id = wait_for(lambda: (rs := all_runs(client)) and rs[0].info.run_id, proc, what="the run")
+    wait_for(lambda: len(steps_of(client, run_id, "train/loss")) >= 5, proc, what="stored steps")
+    mlflow_server.stop()  # the store goes away mid-run ...
+    time.sleep(4)
+    outage_ok = proc.poll() is None  # ... and training goes on meanwhile
+    mlflow_server.start()  # ... and comes back on the same port and database
+    rc, out = finish(proc)
+    assert outage_ok, out[-3000:]
+    assert "cannot write metrics" in out  # the outage was noticed, not silent
+    if rc == 75:  # the run ended while the server was still starting: metrics kept in the checkpoint
+        assert f"resume={run_id}" in out
+        rc, out = finish(launch({"resume": run_id, "checkpoint_dir": str(tmp_path / "ck")}, tmp_path,
+                                uri=mlflow_server.uri, name="resend"))
+    else:
+        assert "answers again" in out
+    assert rc == 0, out[-3000:]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert falls(assert_complete(client, run_id))
+    assert {"config.json", "loss_curve.png"} <= {a.path for a in client.list_artifacts(run_id)}
+
+
+@pytest.mark.slow
+def test_tiny_search_over_http(data_dir, tmp_path, mlflow_server):
+    client = MlflowClient(mlflow_server.uri)
+    over = {"mode": "tiny", "dataset": str(data_dir), "train_split": "test", "val_split": "validation",
+            "budgets": "2e9", "pad": "0", "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "experiment": "s-http"}
+    rc, out = finish(launch(over, tmp_path, uri=mlflow_server.uri, cmd=[sys.executable, str(SEARCH)],
+                            name="search-http"), timeout=300)
+    assert rc == 0, out[-3000:]
+    runs = all_runs(client)
+    trials = [r for r in runs if r.data.tags.get("scaling_lab.kind") == "trial"]
+    parents = [r for r in runs if r.data.tags.get("scaling_lab.kind") == "study"]
+    assert len(parents) == 1 and len(trials) >= 2
+    for r in trials:
+        assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        if r.data.tags["trial_state"] == "COMPLETE":
+            assert r.info.status == "FINISHED"
+            assert steps_of(client, r.info.run_id, "train/loss") == list(range(1, int(r.data.params["steps"]) + 1))
+
+
+# --------------------------------------------------------------------------- PostgreSQL: parallel workers
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    """A private PostgreSQL cluster on a free loopback port for this module's tests."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql")
+    pg = Postgres(tmp_path_factory.mktemp("pg"), bindir).start()
+    yield pg
+    pg.stop()
+
+
+def search_args(data_dir: Path, storage: str, **kw: str) -> dict[str, str]:
+    return {"mode": "tiny", "dataset": str(data_dir), "train_split": "test", "val_split": "validation",
+            "budgets": "2e9", "storage": storage, **kw}
+
+
+@pytest.mark.slow
+def test_four_workers_share_one_study_on_postgresql(data_dir, tmp_path, postgres):
+    import optuna
+
+    url = postgres.create_db("four")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    rc, out = finish(launch(search_args(data_dir, url, workers="4", experiment="pg"), tmp_path,
+                            cmd=[sys.executable, str(SEARCH)], name="search-pg"), timeout=500)
+    assert rc == 0, out[-3000:]
+    (summary,) = optuna.get_all_study_summaries(url)
+    trials = optuna.load_study(study_name=summary.study_name, storage=url).get_trials()
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))  # no trial number twice
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    from scaling_lab.search import plan_budget, resolve_search, target_trials
+
+    scfg = resolve_search(search_args(data_dir, url, workers="4"))
+    study = optuna.load_study(study_name=summary.study_name, storage=url)
+    assert len(finished) == target_trials(scfg, plan_budget(scfg, 2e9), study)  # as many as asked, no more
+    runs = all_runs(client)
+    parents = [r for r in runs if r.data.tags.get("scaling_lab.kind") == "study"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("scaling_lab.kind") == "trial"]
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    assert sorted(int(r.data.tags["trial_number"]) for r in children) == sorted(numbers)  # one run per trial
+    assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in children}
+    assert not [r for r in children if r.info.status == "RUNNING"]

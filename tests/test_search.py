@@ -1,0 +1,299 @@
+"""The `search` entry point: real Optuna studies (SQLite) and a real MLflow store on the offline text."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from scaling_lab import config, counting
+from scaling_lab.search import (
+    LADDER,
+    SEARCH_FIELDS,
+    batch_for,
+    chinchilla_n,
+    kaplan_n,
+    main,
+    model_at,
+    plan_budget,
+    resolve_search,
+    run_search,
+    trial_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tiny_search(data_dir, store) -> dict[str, str]:
+    return {"mode": "tiny", "dataset": str(data_dir), "train_split": "test", "val_split": "validation",
+            "storage": f"sqlite:///{store / 'optuna.db'}", "experiment": "search-test"}
+
+
+def _args(d: dict) -> list[str]:
+    return [x for k, v in d.items() for x in (f"--{k}", str(v))]
+
+
+def _client(store: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+
+
+def _runs(store: Path):
+    if not (store / "mlflow.db").exists():
+        return []
+    c = _client(store)
+    return [r for e in c.search_experiments() for r in c.search_runs([e.experiment_id], max_results=5000)]
+
+
+def _studies(storage: str) -> dict[str, optuna.Study]:
+    return {s.study_name: optuna.load_study(study_name=s.study_name, storage=storage)
+            for s in optuna.get_all_study_summaries(storage)}
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def test_published_allocations_and_budget_plan():
+    c = 1e12
+    assert kaplan_n(c) == pytest.approx(1.3e9 * (c / 8.64e19) ** 0.73)  # Kaplan et al. 2020, Eq. 6.1
+    assert 6 * chinchilla_n(c) * 20 * chinchilla_n(c) == pytest.approx(c)  # C = 6ND with D = 20N
+    scfg = resolve_search({"mode": "quick", "budgets": "1e11,1e12"})
+    small, big = plan_budget(scfg, 1e11), plan_budget(scfg, 1e12)
+    for p in (small, big):
+        assert p.lo <= min(p.kaplan_rung, p.chinchilla_rung) and max(p.kaplan_rung, p.chinchilla_rung) <= p.hi
+        m = model_at(p.chinchilla_rung, scfg.vocab_size, scfg.block_size)
+        n_total = counting.n_params_total(m.n_layer, m.n_embd, m.n_vocab, m.block_size)
+        for other in (p.chinchilla_rung - 1, p.chinchilla_rung + 1):  # log-nearest size of the family
+            o = model_at(other, scfg.vocab_size, scfg.block_size)
+            o_total = counting.n_params_total(o.n_layer, o.n_embd, o.n_vocab, o.block_size)
+            assert abs(math.log(n_total / p.chinchilla_n)) <= abs(math.log(o_total / p.chinchilla_n))
+    assert big.chinchilla_rung > small.chinchilla_rung  # the optimum grows with compute
+    for rung in range(big.lo, big.hi + 1):  # D follows from C: every trial spends the budget (to one step)
+        cfg = trial_config(scfg, 1e12, rung)
+        per_token = counting.flops_per_token(cfg.model, "total")
+        step_tokens = cfg.train.batch_size * cfg.model.block_size
+        tokens = counting.tokens_for_flops(cfg.model, 1e12, "total")
+        assert 1e12 - (step_tokens + 1) * per_token <= (tokens // step_tokens) * step_tokens * per_token <= 1e12
+        assert scfg.batch_min <= cfg.train.batch_size == batch_for(tokens, scfg) <= scfg.batch_max
+        assert cfg.model.n_embd == LADDER[rung]
+
+
+def test_mlproject_search_entry_matches_search_config():
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())
+    entry = spec["entry_points"]["search"]
+    assert list(entry["parameters"]) == SEARCH_FIELDS
+    assert entry["command"].startswith("PYTHONPATH=src:$PYTHONPATH python mlproject/search.py")
+    for name in SEARCH_FIELDS:
+        assert f"--{name} {{{name}}}" in entry["command"]
+    assert list(spec["entry_points"]["main"]["parameters"]) == config.field_names()
+
+
+# --------------------------------------------------------------------------- a real tiny search
+
+
+def test_tiny_search_studies_seeds_and_child_runs(tiny_search, store, capsys):
+    scfg = resolve_search(tiny_search)
+    results = run_search(scfg)
+    out = capsys.readouterr().out
+    storage = tiny_search["storage"]
+    studies = _studies(storage)
+    assert len(studies) == 2 and len(results) == 2
+    runs = _runs(store)
+    parents = [r for r in runs if r.data.tags.get("scaling_lab.kind") == "study"]
+    trial_runs = [r for r in runs if r.data.tags.get("scaling_lab.kind") == "trial"]
+    assert sorted(r.data.tags["study"] for r in parents) == sorted(studies)
+    assert all(r.info.status == "FINISHED" for r in parents)
+    for res in results:
+        study = studies[res.study_name]
+        trials = study.get_trials()
+        allocs = [t.user_attrs.get("allocation") for t in trials]
+        assert allocs.count("kaplan") == 1 and allocs.count("chinchilla") == 1
+        assert trials[0].user_attrs["allocation"] == "kaplan" and trials[1].user_attrs["allocation"] == "chinchilla"
+        parent = next(r for r in parents if r.data.tags["study"] == res.study_name)
+        assert parent.data.tags["budget"] == f"{res.budget:g}"
+        assert parent.data.tags["flops_rule"] == "total" and parent.data.tags["storage"] == storage
+        assert parent.data.tags["vocab_size"] == "256"
+        children = [r for r in trial_runs if r.data.tags["mlflow.parentRunId"] == parent.info.run_id]
+        assert len(children) == len(trials)  # one child run per trial
+        by_number = {int(r.data.tags["trial_number"]): r for r in children}
+        assert sorted(by_number) == [t.number for t in trials]
+        complete = [t for t in trials if t.state.name == "COMPLETE"]
+        for t in trials:
+            run = by_number[t.number]
+            assert run.data.tags["study"] == res.study_name and run.data.tags["budget"] == f"{res.budget:g}"
+            assert run.data.tags["allocation"] == t.user_attrs["allocation"]
+            assert run.data.tags["trial_state"] == t.state.name
+            assert run.info.run_id == t.user_attrs["mlflow_run_id"]
+        for t in complete:
+            assert sorted(t.intermediate_values) == list(range(1, 11))  # the same budget tenths in every trial
+            run = by_number[t.number]
+            assert run.info.status == "FINISHED"
+            assert run.data.metrics["final/val_loss"] == pytest.approx(t.value)
+            steps = int(run.data.params["steps"])
+            hist = _client(store).get_metric_history(run.info.run_id, "train/loss")
+            assert len(hist) == steps  # the same per-step logging as a single training run
+            flops = float(run.data.params["flops_total"])
+            assert flops <= res.budget and flops > 0.5 * res.budget
+        best = min(complete, key=lambda t: t.value)
+        assert parent.data.metrics["best/val_loss"] == pytest.approx(best.value)
+        assert parent.data.metrics["best/n_params_total"] == best.user_attrs["n_params_total"]
+        assert parent.data.metrics["best/tokens"] == best.user_attrs["tokens_trained"]
+        k = next(t for t in trials if t.user_attrs["allocation"] == "kaplan")
+        if k.state.name == "COMPLETE":
+            assert parent.data.metrics["kaplan/val_loss"] == pytest.approx(k.value)
+        arts = [a.path for a in _client(store).list_artifacts(parent.info.run_id)]
+        assert "loss_vs_n.png" in arts
+        assert f"{res.budget:.3g}" in out
+    assert "kaplan loss" in out and "chinchilla loss" in out and "winner" in out
+
+
+def test_pruned_trial_recorded_pruned_with_partial_curve(tiny_search, store):
+    scfg = resolve_search({**tiny_search, "budgets": "2e9", "pad": "0"})
+    run_search(scfg, pruner=optuna.pruners.ThresholdPruner(upper=0.0))  # any positive loss prunes at 10%
+    study = next(iter(_studies(tiny_search["storage"]).values()))
+    trials = study.get_trials()
+    assert trials and all(t.state.name == "PRUNED" for t in trials)
+    for t in trials:
+        run = _client(store).get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.status == "KILLED" and run.data.tags["trial_state"] == "PRUNED"
+        assert "pruned" in run.data.tags["killed_by"]
+        val = _client(store).get_metric_history(run.info.run_id, "val/loss")
+        train_steps = _client(store).get_metric_history(run.info.run_id, "train/loss")
+        assert len(val) == 1 and 0 < len(train_steps) < int(run.data.params["steps"])  # partial curve kept
+
+
+def _wait_for(pred, timeout: float, every: float = 0.1) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(every)
+    return False
+
+
+@pytest.mark.slow
+def test_rerun_after_sigkill_resumes_without_duplicates(tiny_search, store):
+    storage = tiny_search["storage"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}", "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, str(ROOT / "mlproject" / "search.py"), *_args({**tiny_search, "budgets": "6e9"})]
+    proc = subprocess.Popen(cmd, cwd=store, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def mid_study() -> bool:
+        try:
+            studies = _studies(storage)
+        except Exception:
+            return False
+        trials = [t for s in studies.values() for t in s.get_trials(deepcopy=False)]
+        states = [t.state.name for t in trials]
+        return states.count("COMPLETE") >= 2 and "RUNNING" in states
+
+    try:
+        assert _wait_for(mid_study, 180), "search did not reach a running trial after two finished ones"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    before = {name: [(t.number, t.params.get("rung"), t.user_attrs.get("allocation")) for t in s.get_trials()
+                     if t.state.name == "COMPLETE"] for name, s in _studies(storage).items()}
+    assert "RUNNING" in [r.info.status for r in _runs(store)]  # the killed trial's run
+
+    rerun = subprocess.run(cmd, cwd=store, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+    assert "left RUNNING by a killed process" in rerun.stdout
+    for name, study in _studies(storage).items():
+        trials = study.get_trials()
+        finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+        for number, _rung, _alloc in before.get(name, []):  # finished trials kept, not repeated
+            assert any(t.number == number and t.state.name == "COMPLETE" for t in finished)
+        keys = [(t.params["rung"], t.user_attrs["allocation"]) for t in finished]
+        assert len(keys) == len(set(keys)), keys
+        assert sorted(a for _, a in keys if a != "search") == ["chinchilla", "kaplan"]
+        lo, hi = study.user_attrs["range_lo"], study.user_attrs["range_hi"]
+        assert {r for r, _ in keys} == set(range(lo, hi + 1))  # every size once
+    runs = _runs(store)
+    assert "RUNNING" not in [r.info.status for r in runs]
+    killed = [r for r in runs if r.data.tags.get("killed_by", "").startswith("process died")]
+    assert killed and all(r.data.tags["trial_state"] == "FAIL" for r in killed)
+    parents = [r for r in runs if r.data.tags.get("scaling_lab.kind") == "study"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the re-run reused the study's parent run
+
+
+BAD = [
+    ({"budgets": "-1e12"}, "budgets"),
+    ({"budgets": "0"}, "budgets"),
+    ({"budgets": "1e3"}, "budgets"),  # too small for the smallest model
+    ({"budgets": "1e10,abc"}, "budgets"),
+    ({"flops_rule": "palm"}, "flops_rule"),
+    ({"sampler": "cmaes"}, "sampler"),
+    ({"storage": "optuna.db"}, "storage"),
+    ({"storage": "nosuchdb://host/x"}, "storage"),
+    ({"storage": "postgresql://"}, "storage"),
+    ({"workers": "2"}, "workers"),  # SQLite is for one worker
+    ({"trials": "1"}, "trials"),
+    ({"mode": "huge"}, "mode"),
+    ({"no_such_flag": "1"}, "no_such_flag"),
+]
+
+
+@pytest.mark.parametrize("bad,param", BAD)
+def test_bad_search_input_one_clear_error_no_running_parent(bad, param, tiny_search, store, capsys):
+    code = main(_args({**tiny_search, **bad}))
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    assert f"parameter '{param}'" in lines[0] and "allowed" in lines[0]
+    statuses = [r.info.status for r in _runs(store)]
+    assert "RUNNING" not in statuses and "FINISHED" not in statuses
+
+
+@pytest.mark.slow
+def test_mlflow_run_search_entry_end_to_end(tiny_search, store):
+    params = {**tiny_search, "budgets": "2e9", "pad": "0"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"}
+    proc = subprocess.run([sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "search", "--env-manager", "local",
+                           "--experiment-name", "search-test", *[x for k, v in params.items() for x in ("-P", f"{k}={v}")]],
+                          cwd=store, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "winner" in proc.stdout
+    runs = _runs(store)
+    inv = [r for r in runs if r.data.tags.get("scaling_lab.kind") == "search"]
+    assert len(inv) == 1 and inv[0].info.status == "FINISHED"
+    assert inv[0].data.tags["mlflow.project.entryPoint"] == "search"
+    assert "search_table.txt" in [a.path for a in _client(store).list_artifacts(inv[0].info.run_id)]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_edge_detection_widens_by_one_size_then_says_so():
+    from optuna.distributions import IntDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from scaling_lab.search import summarize, table, widen_once
+
+    scfg = resolve_search({"mode": "quick", "budgets": "1e11"})
+    plan = plan_budget(scfg, 1e11)
+    study = optuna.create_study(direction="minimize")  # in-memory storage: real Optuna, no training
+    dist = {"rung": IntDistribution(plan.lo, plan.hi)}
+    for rung in range(plan.lo, plan.hi + 1):  # loss falls with size: the best is the largest searched
+        m = model_at(rung, scfg.vocab_size, scfg.block_size)
+        attrs = {"allocation": "search", "n_embd": m.n_embd, "n_params": 1, "tokens_trained": 10,
+                 "n_params_total": counting.n_params_total(m.n_layer, m.n_embd, m.n_vocab, m.block_size)}
+        study.add_trial(create_trial(state=TrialState.COMPLETE, value=5.0 - rung, params={"rung": rung},
+                                     distributions=dist, user_attrs=attrs))
+    res = summarize(study, plan, "run")
+    assert res.edge == "largest" and "EDGE (largest)" in table([res], "total")
+    hi = plan.hi
+    assert widen_once(study, plan, res) and plan.hi == hi + 1 and study.user_attrs["range_hi"] == hi + 1
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.system_attrs["fixed_params"]["rung"] for t in waiting] == [hi + 1]
+    plan.hi = plan.cap  # nothing larger affords MIN_STEPS steps: no widening, the edge stays reported
+    assert not widen_once(study, plan, res) and plan.hi == plan.cap
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 1
