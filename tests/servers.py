@@ -49,12 +49,12 @@ def args_of(overrides: dict[str, str]) -> list[str]:
 
 
 def launch(overrides: dict[str, str], store: Path, uri: str | None = None, cmd: list[str] | None = None,
-           name: str = "proc"):
+           name: str = "proc", env: dict[str, str] | None = None):
     """Start ``main.py`` (or ``cmd``) with ``--name value`` flags in the background, in its own process group;
-    stdout+stderr go to a log file in ``store``."""
+    stdout+stderr go to a log file in ``store``; ``env`` adds variables."""
     out = open(store / f"{name}-{time.monotonic_ns()}.log", "w")  # noqa: SIM115 (closed by finish())
     proc = subprocess.Popen([*(cmd or [sys.executable, str(MAIN)]), *args_of(overrides)], cwd=store,
-                            env=env_for(store, uri), stdout=out, stderr=subprocess.STDOUT, text=True,
+                            env={**env_for(store, uri), **(env or {})}, stdout=out, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     proc.log_path = out.name  # type: ignore[attr-defined]
     proc.log_file = out  # type: ignore[attr-defined]

@@ -3,6 +3,7 @@ mid-run), and Optuna studies shared by several search workers through a private 
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -186,3 +187,71 @@ def test_four_workers_share_one_study_on_postgresql(data_dir, tmp_path, postgres
     assert sorted(int(r.data.tags["trial_number"]) for r in children) == sorted(numbers)  # one run per trial
     assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in children}
     assert not [r for r in children if r.info.status == "RUNNING"]
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_trial_is_failed_by_heartbeat_and_retried(data_dir, tmp_path, postgres):
+    import optuna
+
+    url = postgres.create_db("killed")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    beat = {"SCALING_LAB_HEARTBEAT_S": "1", "SCALING_LAB_GRACE_S": "6"}  # a dead worker's trial fails after 6 s
+    proc = launch(search_args(data_dir, url, workers="2", pad="0", experiment="kill"), tmp_path,
+                  cmd=[sys.executable, str(SEARCH)], name="search-kill", env=beat)
+
+    def running_trial():  # a trial some worker has been training for a few steps
+        try:
+            (s,) = optuna.get_all_study_summaries(url)
+        except ValueError:
+            return None
+        for t in optuna.load_study(study_name=s.study_name, storage=url).get_trials():
+            run_id = t.user_attrs.get("mlflow_run_id")
+            if t.state.name == "RUNNING" and run_id and steps_of(client, run_id, "train/loss"):
+                return t
+        return None
+
+    victim = wait_for(running_trial, proc, what="a running trial")
+    pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
+    os.kill(pid, signal.SIGKILL)  # the worker dies mid-trial: no Optuna state change, no MLflow end
+    rc, out = finish(proc, timeout=300)
+    assert rc == 0, out[-3000:]
+    assert "workers died" in out and f"exit code {-signal.SIGKILL}" in out  # reported, not hidden
+
+    (s,) = optuna.get_all_study_summaries(url)
+    trials = optuna.load_study(study_name=s.study_name, storage=url).get_trials()
+    by_number = {t.number: t for t in trials}
+    assert by_number[victim.number].state.name == "FAIL"  # failed by the heartbeat ...
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1 and retries[0].state.name in ("COMPLETE", "PRUNED")  # ... and run again
+    assert retries[0].params["rung"] == victim.params["rung"]
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    from scaling_lab.search import plan_budget, resolve_search, target_trials
+
+    scfg = resolve_search(search_args(data_dir, url, pad="0"))
+    study = optuna.load_study(study_name=s.study_name, storage=url)
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == target_trials(
+        scfg, plan_budget(scfg, 2e9), study)  # the study completed
+
+    children = [r for r in all_runs(client) if r.data.tags.get("scaling_lab.kind") == "trial"]
+    assert sorted(int(r.data.tags["trial_number"]) for r in children) == sorted(by_number)  # one run per trial
+    assert not [r for r in children if r.info.status == "RUNNING"]
+    killed = client.get_run(victim.user_attrs["mlflow_run_id"])
+    assert killed.info.status == "KILLED" and killed.data.tags["trial_state"] == "FAIL"
+    assert "heartbeat" in killed.data.tags["killed_by"]
+
+
+def test_plain_postgresql_url_uses_the_installed_driver(postgres):
+    import importlib.util
+
+    import optuna
+
+    from scaling_lab.search import make_storage, storage_url
+
+    url = postgres.create_db("plain").replace("postgresql+psycopg2://", "postgresql://")
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        assert storage_url(url).startswith("postgresql+psycopg2://")
+    assert storage_url("sqlite:///x.db") == "sqlite:///x.db"
+    study = optuna.create_study(study_name="plain", storage=make_storage(url))
+    study.enqueue_trial({"x": 1.0})
+    study.optimize(lambda t: t.suggest_float("x", 0, 2) ** 2, n_trials=1)
+    assert optuna.load_study(study_name="plain", storage=storage_url(url)).best_value == 1.0

@@ -194,7 +194,8 @@ def test_rerun_after_sigkill_resumes_without_duplicates(tiny_search, store):
             return False
         trials = [t for s in studies.values() for t in s.get_trials(deepcopy=False)]
         states = [t.state.name for t in trials]
-        return states.count("COMPLETE") >= 2 and "RUNNING" in states
+        started = [t for t in trials if t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs]
+        return states.count("COMPLETE") >= 2 and bool(started)  # its MLflow run exists
 
     try:
         assert _wait_for(mid_study, 180), "search did not reach a running trial after two finished ones"
@@ -240,6 +241,7 @@ BAD = [
     ({"trials": "1"}, "trials"),
     ({"mode": "huge"}, "mode"),
     ({"no_such_flag": "1"}, "no_such_flag"),
+    ({"dry_run": "maybe"}, "dry_run"),
 ]
 
 
@@ -253,6 +255,19 @@ def test_bad_search_input_one_clear_error_no_running_parent(bad, param, tiny_sea
     assert f"parameter '{param}'" in lines[0] and "allowed" in lines[0]
     statuses = [r.info.status for r in _runs(store)]
     assert "RUNNING" not in statuses and "FINISHED" not in statuses
+
+
+@pytest.mark.parametrize("flag", ["true", "1", "yes"])
+def test_search_dry_run_prints_the_plan_and_creates_nothing(flag, tiny_search, store, capsys):
+    code = main(_args({**tiny_search, "dry_run": flag}))
+    out = capsys.readouterr().out
+    assert code == 0
+    scfg = resolve_search(tiny_search)
+    for c in scfg.budget_list():
+        assert plan_budget(scfg, c).study_name in out  # every budget's plan is printed
+    assert not (store / "optuna.db").exists()  # no Optuna storage
+    assert _runs(store) == []  # no MLflow run
+    assert resolve_search({**tiny_search, "dry_run": "no"}).dry_run is False
 
 
 @pytest.mark.slow

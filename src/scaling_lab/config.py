@@ -224,7 +224,6 @@ MODES: dict[str, dict[str, Any]] = {
     "quick": dict(
         n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=512,
         tokens=2_000_000, batch_size=16, lr=3e-3, eval_tokens=16_384,
-        dtype="fp32",  # with a 513-way head bf16 autocast is no faster on CPU (benchmarks/RESULTS.md)
     ),
     "standard": dict(  # laptop GPU / MPS, about an hour
         n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=GPT2_VOCAB, dataset="wikitext-103",

@@ -17,6 +17,7 @@ import dataclasses
 import math
 import multiprocessing as mp
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -42,6 +43,7 @@ MIN_STEPS = 10  # every trial needs 10 optimizer steps: one per reported budget 
 # may shorten both (tests of killed workers, see docs/scaling-out.md).
 HEARTBEAT_S = int(os.environ.get("SCALING_LAB_HEARTBEAT_S", "30"))
 GRACE_S = int(os.environ.get("SCALING_LAB_GRACE_S", "120"))
+POLL_S = 2.0  # how often an idle worker looks at the study again while other workers' trials run (s)
 FRACTIONS = 10  # intermediate losses reported at k/10 of the budget, k = 1..10
 
 
@@ -150,6 +152,8 @@ class SearchConfig:
     """Autocast precision of every trial: fp32, bf16, auto (fp32 on CPU here: bf16 autocast is slower for tiny widths)."""
     checkpoint_dir: str = "checkpoints"
     """Folder for trial checkpoints."""
+    dry_run: bool = False
+    """Print each budget's plan (sizes, tokens, batch, estimated time) and exit; create no study and no run."""
 
     def __post_init__(self) -> None:
         config._choice("mode", self.mode, tuple(SEARCH_MODES))
@@ -209,7 +213,8 @@ SEARCH_MODES: dict[str, dict[str, Any]] = {
                  dataset="openwebtext", eval_tokens=1048576, lr=6e-4, dtype="auto"),
 }
 SEARCH_FIELDS = [f.name for f in fields(SearchConfig)]
-_TYPES = {"int": int, "float": float, "str": str}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
 def resolve_search(overrides: dict[str, Any] | None = None) -> SearchConfig:
@@ -234,6 +239,10 @@ def _parse(name: str, raw: Any, t: type) -> Any:
     if not isinstance(raw, str):
         return raw
     s = raw.strip()
+    if t is bool:
+        if s.lower() not in _TRUE + _FALSE:
+            raise ConfigError(name, raw, "true or false (also 1/0, yes/no)")
+        return s.lower() in _TRUE
     try:
         if t is int:
             v = float(s)
@@ -353,13 +362,25 @@ def trial_config(scfg: SearchConfig, budget: float, rung: int, run_name: str = "
 # --------------------------------------------------------------------------- Optuna plumbing
 
 
+def storage_url(url: str) -> str:
+    """``url`` with a driver SQLAlchemy can load: a plain ``postgresql://`` means psycopg 3 to SQLAlchemy 2.1;
+    when only psycopg2 is installed it becomes ``postgresql+psycopg2://``."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
+
+
 def make_storage(url: str):
     """RDBStorage with heartbeats: a trial whose process died is marked FAIL after the grace period and
-    retried once (RetryFailedTrialCallback), so several workers can share one study."""
+    retried once (RetryHeartbeatStaleTrialCallback), so several workers can share one study."""
     import warnings
 
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
+    url = storage_url(url)
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs = {"connect_args": {"timeout": 60}}
@@ -484,6 +505,7 @@ class Objective:
         info = {"allocation": allocation, "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head,
                 "n_params": tplan.counts["n_params"], "n_params_total": tplan.counts["n_params_total"],
                 "tokens_trained": tplan.tokens_trained, "batch_size": cfg.train.batch_size, "steps": tplan.steps}
+        info["worker"] = f"{socket.gethostname()}:{os.getpid()}"  # who ran it (a killed worker is named)
         for k, v in info.items():
             trial.set_user_attr(k, v)
         tags = {"scaling_lab.kind": "trial", "study": plan.study_name, "budget": f"{plan.budget:g}",
@@ -543,33 +565,80 @@ def _finished_twin(trial, rung: int):
 # --------------------------------------------------------------------------- workers
 
 
+def close_failed_trials(study, seen: set[int] | None = None) -> list[int]:
+    """Fail trials whose worker stopped beating (Optuna heartbeat; the retry callback queues them again) and
+    end the MLflow runs of FAIL trials still RUNNING: KILLED, trial_state=FAIL, with the reason. ``seen``:
+    FAIL trial numbers already handled by this worker (a finished trial's attributes cannot be changed)."""
+    import warnings
+
+    import optuna
+
+    from scaling_lab import tracking
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experimental in Optuna 5
+        optuna.storages.fail_stale_trials(study)
+    closed = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if run_id and (seen is None or t.number not in seen):
+            reason = t.user_attrs.get("error") or t.system_attrs.get("fail_reason") or (
+                f"worker {t.user_attrs.get('worker', '?')} stopped sending heartbeats (killed or lost) during the trial")
+            if tracking.close_trial_run(run_id, reason):
+                closed.append(t.number)
+            if seen is not None:
+                seen.add(t.number)
+    return closed
+
+
 def optimize_loop(scfg: SearchConfig, plan: BudgetPlan, parent_run_id: str, target: int, storage=None,
                   pruner=None, on_trial=None) -> None:
-    """One worker: run trials one at a time until the study has ``target`` finished trials (or, with grid,
-    its queue is empty). At most ``target`` trials per call, so failing trials cannot loop forever."""
+    """One worker: run trials one at a time until the study has ``target`` finished trials. With grid a
+    worker only takes queued trials; while only other workers' trials are RUNNING it looks again every
+    POLL_S instead of stopping, since a dead worker's trial turns FAIL after the grace period and is queued
+    again. At most 2 * target trials per call, so trials that keep failing cannot loop forever."""
     import optuna
 
     storage = storage or make_storage(scfg.storage)
     study = optuna.load_study(study_name=plan.study_name, storage=storage, sampler=make_sampler(scfg),
                               pruner=pruner or make_pruner(scfg))
     objective = Objective(scfg, plan, parent_run_id)
-    for _ in range(target):
-        done = _count(study, ("COMPLETE", "PRUNED", "RUNNING"))
-        if done >= target or (scfg.sampler == "grid" and _count(study, ("WAITING",)) == 0):
+    started, seen = 0, set()
+    while started < 2 * target:
+        close_failed_trials(study, seen)
+        states = [t.state.name for t in study.get_trials(deepcopy=False)]
+        finished = states.count("COMPLETE") + states.count("PRUNED")
+        running, waiting = states.count("RUNNING"), states.count("WAITING")
+        if finished >= target:
             break
-        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
-        if on_trial is not None:
-            on_trial(study)
+        if (waiting > 0) if scfg.sampler == "grid" else (finished + running < target):
+            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+            started += 1
+            if on_trial is not None:
+                on_trial(study)
+        elif running:  # other workers' trials: they finish, or turn FAIL (heartbeat) and are queued again
+            time.sleep(min(HEARTBEAT_S, POLL_S))
+        else:
+            break
+    close_failed_trials(study, seen)
 
 
 def _worker_main(scfg_dict: dict, plan_dict: dict, parent_run_id: str, target: int) -> None:
     import optuna
+    import torch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if "OMP_NUM_THREADS" not in os.environ:  # share the cores: N workers x all cores would oversubscribe them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // scfg_dict["workers"]))
     optimize_loop(SearchConfig(**scfg_dict), BudgetPlan(**plan_dict), parent_run_id, target)
 
 
-def run_workers(scfg: SearchConfig, plan: BudgetPlan, parent_run_id: str, target: int, study, bar) -> None:
+class WorkersDied(RuntimeError):
+    """Search worker processes died and left their study incomplete."""
+
+
+def run_workers(scfg: SearchConfig, plan: BudgetPlan, parent_run_id: str, target: int, study, bar,
+                out=None) -> None:
     """workers=N: N spawned processes, each a loop of study.optimize against the shared storage."""
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker_main, args=(dataclasses.asdict(scfg), dataclasses.asdict(plan),
@@ -577,15 +646,21 @@ def run_workers(scfg: SearchConfig, plan: BudgetPlan, parent_run_id: str, target
              for i in range(scfg.workers)]
     for p in procs:
         p.start()
-    seen = _count(study, ("COMPLETE", "PRUNED", "FAIL"))
+    seen = _count(study, ("COMPLETE", "PRUNED"))
     while any(p.is_alive() for p in procs):
         time.sleep(2.0)
-        now = _count(study, ("COMPLETE", "PRUNED", "FAIL"))
+        now = _count(study, ("COMPLETE", "PRUNED"))
         bar.update(max(0, now - seen))
         seen = now
-    bad = [p.exitcode for p in procs if p.exitcode]
-    if bad:
-        raise RuntimeError(f"{len(bad)} of {len(procs)} search workers exited with codes {bad}")
+    bad = [f"{p.name} (exit code {p.exitcode})" for p in procs if p.exitcode]
+    if not bad:
+        return
+    if _count(study, ("COMPLETE", "PRUNED")) >= target:  # the others took over its trial: say so, go on
+        print(f"\n  {plan.study_name}: {len(bad)} of {len(procs)} workers died: {', '.join(bad)}; their trials "
+              "were failed by heartbeat and run again, the study is complete", file=out or sys.stdout)
+        return
+    raise WorkersDied(f"{len(bad)} of {len(procs)} search workers died ({', '.join(bad)}) and the study "
+                       f"{plan.study_name} is incomplete; re-run the same command to finish it")
 
 
 # --------------------------------------------------------------------------- summary
@@ -826,7 +901,7 @@ def run_search(scfg: SearchConfig, out=None, pruner=None) -> list[BudgetResult]:
                     if scfg.workers == 1:
                         optimize_loop(scfg, plan, plog.run_id, target, storage, pruner, on_trial=tick)
                     else:
-                        run_workers(scfg, plan, plog.run_id, target, study, bar)
+                        run_workers(scfg, plan, plog.run_id, target, study, bar, out)
                     res = summarize(study, plan, plog.run_id)
                     if res.edge == "none" or rounds == scfg.widen or not widen_once(study, plan, res):
                         break
@@ -869,6 +944,10 @@ def main(argv: list[str]) -> int:
         validate_source(config.DataConfig(dataset=scfg.dataset, train_split=scfg.train_split,
                                           val_split=scfg.val_split, vocab_size=scfg.vocab_size,
                                           cache_dir=scfg.cache_dir))
+        if scfg.dry_run:
+            from scaling_lab import estimate
+
+            return estimate.dry_run_search(scfg, launched)
         make_storage(scfg.storage)
     except (ConfigError, DataUnavailable) as exc:
         cli.error(str(exc))
@@ -882,6 +961,11 @@ def main(argv: list[str]) -> int:
         if launched:
             tracking.fail_run(launched, str(exc))
         return 2
+    except WorkersDied as exc:
+        cli.error(str(exc))
+        if launched:
+            tracking.fail_run(launched, str(exc))
+        return 1
     except KeyboardInterrupt:
         cli.error("interrupted; re-run the same command to continue the studies")
         if launched:

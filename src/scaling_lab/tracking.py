@@ -431,6 +431,20 @@ def close_stale_trial_runs(parent_run_id: str, reason: str) -> list[str]:
     return closed
 
 
+def close_trial_run(run_id: str, reason: str) -> bool:
+    """End KILLED (tags trial_state=FAIL, killed_by=<reason>) one trial run left RUNNING by a worker that died;
+    False when the run is already over or gone."""
+    client = MlflowClient()
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return False
+    except mlflow.exceptions.MlflowException:
+        return False
+    client.log_batch(run_id, tags=[RunTag("trial_state", "FAIL"), RunTag("killed_by", reason[:PARAM_VALUE_LIMIT])])
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+    return True
+
+
 def end_pruned_run(run_id: str, reason: str) -> None:
     """A pruned trial: status KILLED, tags trial_state=PRUNED and killed_by=<reason>; its partial curve stays."""
     client = MlflowClient()
