@@ -170,12 +170,8 @@ def test_four_workers_share_one_study_on_postgresql(data_dir, tmp_path, postgres
     assert rc == 0, out[-3000:]
     (summary,) = optuna.get_all_study_summaries(url)
     trials = optuna.load_study(study_name=summary.study_name, storage=url).get_trials()
-    assert len({t.number for t in trials}) == len(trials)  # no trial number twice
-    # a worker that lost the race for the last queued size records an empty FAIL trial (no training, no run)
-    unclaimed = [t for t in trials if t.user_attrs.get("unclaimed")]
-    assert all(t.state.name == "FAIL" and "mlflow_run_id" not in t.user_attrs for t in unclaimed)
-    trials = [t for t in trials if not t.user_attrs.get("unclaimed")]
     numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers))  # no trial number twice
     assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
     from scaling_lab.search import plan_budget, resolve_search, target_trials

@@ -481,10 +481,6 @@ def _count(study, states: tuple[str, ...]) -> int:
 # --------------------------------------------------------------------------- the objective
 
 
-class QueueEmpty(RuntimeError):
-    """A grid worker found no queued size left (another worker took it first)."""
-
-
 class Objective:
     """objective(trial): train the trial's size at the budget, report losses at the budget's tenths."""
 
@@ -499,11 +495,6 @@ class Objective:
         from scaling_lab.train import make_plan, train
 
         scfg, plan = self.scfg, self.plan
-        if scfg.sampler == "grid" and "fixed_params" not in trial.system_attrs:
-            # Several workers saw the last queued size; another one took it and Optuna made this trial afresh.
-            # It trains nothing and has no MLflow run: FAIL, marked, so it is not counted as a search result.
-            trial.set_user_attr("unclaimed", True)
-            raise QueueEmpty("grid queue empty: another worker took the last queued size")
         lo, hi = trial.study.user_attrs.get("range_lo", plan.lo), trial.study.user_attrs.get("range_hi", plan.hi)
         rung = trial.suggest_int("rung", lo, hi)
         allocation = trial.user_attrs.get("allocation", "search")
