@@ -238,3 +238,77 @@ def test_mlproject_analyze_parameters_match_config():
     assert list(entry["parameters"]) == analyze.field_names()
     for name in analyze.field_names():
         assert f"--{name} {{{name}}}" in entry["command"]
+
+
+# --------------------------------------------------------------------------- quick vs real overlay
+
+OTHER_LAW = {"E": 1.6, "A": 30.0, "B": 90.0, "alpha": 0.26, "beta": 0.36}  # a = 0.58, not the simulation's 0.45
+
+
+def test_overlay_simulate_predicts_from_the_simulation_law_over_measured_runs(tmp_path, store, capsys):
+    """'Measured' runs drawn from another law: the overlay's predicted N_opt and a are the simulation law's own
+    (Hoffmann et al. 2022 Eq. 4), the measured ones differ from them, and the report, figure and MLflow run
+    carry the comparison."""
+    measured = analyze.simulate(seed=5, noise=0.003, law=OTHER_LAW)
+    cfg = analyze.AnalyzeConfig(source="simulate", bootstrap=20, log=False, convention="total", overlay="simulate")
+    res, objects = analyze.analyze_study(measured, cfg)
+    ov = res["overlay"]
+    sim = laws.ChinchillaFit(**analyze.SIM_LAW)
+    assert ov["a_predicted"] == pytest.approx(sim.a) and ov["measured_convention"] == "total"
+    assert len(ov["by_budget"]) == 4
+    for row in ov["by_budget"]:
+        assert row["n_opt_predicted"] == pytest.approx(float(sim.n_at(row["budget"])), rel=1e-6)
+    true_other = laws.ChinchillaFit(**OTHER_LAW)
+    assert ov["measured"]["approach3"]["a"] == pytest.approx(true_other.a, abs=0.05)
+    assert ov["measured"]["approach3"]["prediction_inside_ci95"] is False  # 0.45 vs a measured ~0.58
+    assert ov["n_opt_log10_ratio_mean"] > 0.1  # larger exponent, larger N_opt in this range
+    assert ov["loss_log_ratio_max_abs"] > 0.1  # another law: losses up to >10% off the predicted ones
+
+    folder = analyze.write_report(res, objects, measured, tmp_path / "rep")
+    assert {"overlay.png", "overlay.svg"} <= {p.name for p in folder.iterdir()}
+    md = (folder / "report.md").read_text()
+    assert "Quick vs real" in md and "(prediction outside)" in md and "overlay.png" in md
+
+
+def test_overlay_from_an_earlier_fits_json_of_the_same_law_agrees(tmp_path, store):
+    """A prediction fitted on one simulated study (its fits.json) over another study of the same law: the
+    measured minima and losses agree with it within the noise."""
+    first = tmp_path / "first"
+    res, objects = analyze.analyze_study(analyze.simulate(seed=11, noise=0.002),
+                                         analyze.AnalyzeConfig(source="simulate", bootstrap=0, log=False))
+    analyze.write_report(res, objects, analyze.simulate(seed=11, noise=0.002), first)
+    pred = analyze.load_prediction(str(first))  # the folder: its fits.json
+    assert pred.convention == "total" and pred.law.alpha == pytest.approx(res["conventions"]["total"]["approach3"]["alpha"])
+    measured = analyze.simulate(seed=12, noise=0.002)
+    res2, _ = analyze.analyze_study(measured, analyze.AnalyzeConfig(source="simulate", bootstrap=0, log=False,
+                                                                    overlay=str(first / "fits.json")))
+    ov = res2["overlay"]
+    assert abs(ov["n_opt_log10_ratio_mean"]) < 0.15  # within 1.4x of each other on average
+    assert abs(ov["loss_log_ratio_median"]) < 0.005 and ov["loss_log_ratio_max_abs"] < 0.03
+
+
+def test_overlay_logged_by_the_entry_point(logged, tmp_path, capsys):
+    out = tmp_path / "ov"
+    code = analyze.main(["--experiment", EXP, "--tags", "study=s1", "--out", str(out), "--bootstrap", "0",
+                         "--overlay", "simulate"])
+    assert code == 0, capsys.readouterr().out
+    ana = [r for r in _runs(Path.cwd()) if r.data.tags.get("scaling_lab.kind") == "analyze"
+           and r.data.params.get("out") == str(out)]
+    assert len(ana) == 1 and ana[0].data.params["overlay"] == "simulate"
+    assert ana[0].data.metrics["overlay/a_predicted"] == pytest.approx(laws.ChinchillaFit(**analyze.SIM_LAW).a)
+    arts = {a.path for a in _client(Path.cwd()).list_artifacts(ana[0].info.run_id, "report")}
+    assert "report/overlay.png" in arts
+
+
+@pytest.mark.parametrize("content,text", [(None, "'simulate', an earlier analysis' fits.json"),
+                                          ("not json", "a fits.json written by analyze"),
+                                          ('{"conventions": {"total": {"approach3": {"E": 1}}}}',
+                                           "a fits.json with an Approach 3 fit")])
+def test_bad_overlay_one_clear_error_no_run(content, text, store, tmp_path, capsys):
+    path = tmp_path / "fits.json"
+    if content is not None:
+        path.write_text(content)
+    code = analyze.main(["--source", "simulate", "--experiment", EXP, "--bootstrap", "0", "--overlay", str(path)])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "parameter 'overlay'" in lines[0] and text in lines[0], lines
+    assert not _runs(store)

@@ -227,6 +227,32 @@ def test_rerun_after_sigkill_resumes_without_duplicates(tiny_search, store):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the re-run reused the study's parent run
 
 
+
+def test_rerun_fails_only_trials_of_dead_processes_on_this_machine(tmp_path):
+    """A re-run on SQLite fails at once the RUNNING trials of a dead process here; trials of live workers or of
+    other machines (another `search` command on the same study) are left to the heartbeat."""
+    import socket
+    import warnings
+
+    from scaling_lab.search import fail_stale_running, make_storage
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs
+    study = optuna.create_study(study_name="stale", storage=make_storage(f"sqlite:///{tmp_path / 'o.db'}"))
+    workers = {"dead": f"{socket.gethostname()}:{gone.pid}", "alive": f"{socket.gethostname()}:{os.getpid()}",
+               "elsewhere": f"another-host:{gone.pid}"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ask() outside optimize() with heartbeats on
+        trials = {k: study.ask() for k in workers}
+    for k, t in trials.items():
+        t.set_user_attr("worker", workers[k])
+        t.set_user_attr("mlflow_run_id", f"run-{k}")
+    assert fail_stale_running(study, "died") == {trials["dead"].number: "run-dead"}
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert states == {trials["dead"].number: "FAIL", trials["alive"].number: "RUNNING",
+                      trials["elsewhere"].number: "RUNNING"}
+
+
 BAD = [
     ({"budgets": "-1e12"}, "budgets"),
     ({"budgets": "0"}, "budgets"),
@@ -309,6 +335,17 @@ def test_edge_detection_widens_by_one_size_then_says_so():
     assert widen_once(study, plan, res) and plan.hi == hi + 1 and study.user_attrs["range_hi"] == hi + 1
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert [t.system_attrs["fixed_params"]["rung"] for t in waiting] == [hi + 1]
-    plan.hi = plan.cap  # nothing larger affords MIN_STEPS steps: no widening, the edge stays reported
+    other = plan_budget(scfg, 1e11)  # a second search command that saw the same edge: nothing queued twice
+    assert widen_once(study, other, res) and other.hi == hi + 1
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 1
+    for rung in range(hi + 1, plan.cap + 1):  # the larger sizes ran, still better: the best is now the cap
+        m = model_at(rung, scfg.vocab_size, scfg.block_size)
+        attrs = {"allocation": "search", "n_embd": m.n_embd, "n_params": 1, "tokens_trained": 10,
+                 "n_params_total": counting.n_params_total(m.n_layer, m.n_embd, m.n_vocab, m.block_size)}
+        study.add_trial(create_trial(state=TrialState.COMPLETE, value=5.0 - rung, params={"rung": rung},
+                                     distributions={"rung": IntDistribution(plan.lo, plan.cap)}, user_attrs=attrs))
+    plan.hi = plan.cap
+    res = summarize(study, plan, "run")
+    assert res.edge == "largest"  # nothing larger affords MIN_STEPS steps: no widening, the edge stays reported
     assert not widen_once(study, plan, res) and plan.hi == plan.cap
     assert len(study.get_trials(states=(TrialState.WAITING,))) == 1

@@ -72,6 +72,9 @@ class AnalyzeConfig:
     """Learning-curve extrapolation: fit L(step) = a·step^-b + c on this first fraction of each run."""
     noise: float = 0.01
     """source=simulate: relative (log-normal) noise on each simulated loss."""
+    overlay: str = ""
+    """"Quick vs real": draw a prediction over the measured runs: 'simulate' (the law source=simulate draws from)
+    or an earlier analysis' fits.json (or its report folder), whose Approach 3 law is used; '' = none."""
     log: bool = True
     """Log the analysis to an MLflow run tagged scaling_lab.kind=analyze."""
 
@@ -92,6 +95,8 @@ class AnalyzeConfig:
             raise ConfigError("noise", self.noise, "a number in [0, 1)")
         parse_budgets(self.budgets)
         parse_tags(self.tags)
+        if self.overlay:
+            load_prediction(self.overlay)
 
 
 def field_names() -> list[str]:
@@ -668,6 +673,8 @@ def _analyze_study(study: Study, cfg: AnalyzeConfig) -> tuple[dict[str, Any], di
                                      "recovered": {k: got[k] for k in ("E", "A", "B", "alpha", "beta", "a", "b")},
                                      "ci95": got["ci95"],
                                      "approach2_a": results["conventions"][conv]["approach2"]["a"]}
+    if cfg.overlay:
+        results["overlay"] = overlay_prediction(load_prediction(cfg.overlay), results, objects)
     results["provenance"] = study.provenance
     results["config"] = {f.name: getattr(cfg, f.name) for f in fields(AnalyzeConfig)}
     results["references"] = {"kaplan_a": laws.KAPLAN_A, "chinchilla_a": laws.CHINCHILLA_A,
@@ -675,6 +682,73 @@ def _analyze_study(study: Study, cfg: AnalyzeConfig) -> tuple[dict[str, Any], di
                              "sources": ["Kaplan et al. 2020 arXiv:2001.08361", "Hoffmann et al. 2022 arXiv:2203.15556",
                                          "Besiroglu et al. 2024 arXiv:2404.10102"]}
     return results, objects
+
+
+# --------------------------------------------------------------------------- quick vs real
+
+OVERLAY_ALLOWED = ("'simulate', an earlier analysis' fits.json (or the report folder holding it), or '' (no "
+                   "overlay)")
+
+
+@dataclass
+class Prediction:
+    """A law drawn over measured runs: L(N, D) = E + A/N^α + B/D^β, fitted (or chosen) in ``convention``."""
+
+    law: laws.ChinchillaFit
+    convention: str
+    label: str
+
+
+def load_prediction(spec: str) -> Prediction:
+    """overlay=simulate -> the simulation's law (SIM_LAW, total convention); overlay=PATH -> the Approach 3 fit
+    of that fits.json (its total convention when present, else the first with an Approach 3 fit)."""
+    if spec == "simulate":
+        return Prediction(laws.ChinchillaFit(**SIM_LAW), "total", "simulated law (source=simulate)")
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "fits.json"
+    if not path.is_file():
+        raise ConfigError("overlay", spec, OVERLAY_ALLOWED)
+    try:
+        convs = json.loads(path.read_text()).get("conventions") or {}
+    except (OSError, ValueError, AttributeError):
+        raise ConfigError("overlay", spec, "a fits.json written by analyze (JSON with 'conventions')") from None
+    for conv in ("total", *convs):
+        a3 = (convs.get(conv) or {}).get("approach3") or {}
+        if all(isinstance(a3.get(k), (int, float)) for k in ("E", "A", "B", "alpha", "beta")):
+            law = laws.ChinchillaFit(**{k: float(a3[k]) for k in ("E", "A", "B", "alpha", "beta")})
+            return Prediction(law, conv, f"Approach 3 of {path} ({conv} convention)")
+    raise ConfigError("overlay", spec, "a fits.json with an Approach 3 fit (conventions.<name>.approach3 with E, A, "
+                      "B, alpha, beta)")
+
+
+def overlay_prediction(pred: Prediction, results: dict[str, Any], objects: dict[str, Any]) -> dict[str, Any]:
+    """The prediction against the measured runs, in the prediction's convention when the runs have it (else the
+    first fitted one): per budget the measured Approach 2 minimum against the predicted N_opt (C = k·N·D with
+    the runs' k), the predicted exponent a against the measured ones with their intervals, and the measured
+    loss against the predicted loss of every run (log ratio)."""
+    conv = pred.convention if pred.convention in objects else next(iter(objects))
+    o, r = objects[conv], results["conventions"][conv]
+    law = laws.ChinchillaFit(**{k: getattr(pred.law, k) for k in ("E", "A", "B", "alpha", "beta")},
+                             k=r["flops_per_param_token"])
+    fit2, N, D, L, labels = o["fit2"], o["N"], o["D"], o["L"], o["labels"]
+    rows = []
+    for c, n, ok, g in zip(fit2.budgets, fit2.n_opt, fit2.inside, fit2.groups):
+        n_pred = float(law.n_at(c))
+        rows.append({"budget": c, "n_opt_measured": n, "minimum_inside_sampled_range": ok, "n_opt_predicted": n_pred,
+                     "ratio": n / n_pred, "loss_best_measured": float(L[labels == g].min()),
+                     "loss_at_n_opt_predicted": float(law.loss(n_pred, law.d_at(c)))})
+    log_ratio = np.log(L / law.loss(N, D))
+    measured = {}
+    for a in ("approach2", "approach3"):
+        ci = r[a]["ci95"].get("a") or [None, None]
+        inside = None if ci[0] is None else bool(ci[0] <= law.a <= ci[1])
+        measured[a] = {"a": r[a]["a"], "ci95": ci, "prediction_inside_ci95": inside}
+    return {"label": pred.label, "prediction_convention": pred.convention, "measured_convention": conv,
+            "law": law.params(), "a_predicted": law.a, "measured": measured, "by_budget": rows,
+            "n_opt_log10_ratio_mean": float(np.mean(np.log10([x["ratio"] for x in rows]))),
+            "loss_log_ratio_median": float(np.median(log_ratio)),
+            "loss_log_ratio_max_abs": float(np.max(np.abs(log_ratio)))}
 
 
 # --------------------------------------------------------------------------- report
@@ -728,6 +802,13 @@ def make_figures(results: dict[str, Any], objects: dict[str, Any], study: Study,
         rng = tuple(results["conventions"][conv]["fitted_flops_range"])
         out[f"extrapolation_{conv}"] = F.extrapolation(fits, o["boot"], rng, o["budgets"], folder,
                                                        f"extrapolation_{conv}", f"Extrapolation {t}")
+    ov = results.get("overlay")
+    if ov:
+        o = objects[ov["measured_convention"]]
+        law = laws.ChinchillaFit(**{k: ov["law"][k] for k in ("E", "A", "B", "alpha", "beta")},
+                                 k=results["conventions"][ov["measured_convention"]]["flops_per_param_token"])
+        out["overlay"] = F.overlay(o["N"], o["L"], o["labels"], o["fit2"], law, ov["label"], folder, "overlay",
+                                   f"Quick vs real: prediction over measured runs ({ov['measured_convention']})")
     ce = results.get("curve_extrapolation", {})
     if ce.get("runs"):
         out["curve_extrapolation"] = F.curve_extrapolation(ce["per_run"], folder, "curve_extrapolation")
@@ -811,6 +892,31 @@ def report_blocks(results: dict[str, Any], figs: dict[str, list]) -> list[tuple]
             key = f"{name}_{conv}"
             if key in figs:
                 B.append(("img", Path(figs[key][0]).name, f"{cap} ({conv})"))
+    ov = results.get("overlay")
+    if ov:
+        B.append(("h2", "Quick vs real: prediction over the measured runs"))
+        law = ov["law"]
+        B.append(("p", f"Prediction: {ov['label']}, L = {_g(law['E'])} + {_g(law['A'])}/N^{_g(law['alpha'], '.3g')}"
+                       f" + {_g(law['B'])}/D^{_g(law['beta'], '.3g')} ({ov['prediction_convention']} convention), "
+                       f"drawn over the runs in the {ov['measured_convention']} convention. Predicted a = "
+                       f"{_g(ov['a_predicted'], '.3f')}; measured "
+                       + "; ".join(f"{a} a = {_g(m['a'], '.3f')} {_ci_txt(m['ci95'], '.3f')}"
+                                   + ("" if m["prediction_inside_ci95"] is None else
+                                      " (prediction inside)" if m["prediction_inside_ci95"] else
+                                      " (prediction outside)") for a, m in ov["measured"].items())
+                       + f". Measured N_opt / predicted N_opt: mean log10 ratio {_g(ov['n_opt_log10_ratio_mean'], '+.3f')}"
+                       f"; measured / predicted loss per run: median log ratio "
+                       f"{_g(ov['loss_log_ratio_median'], '+.3f')}, largest |log ratio| "
+                       f"{_g(ov['loss_log_ratio_max_abs'], '.3f')}."))
+        rows = [[_g(x["budget"], ".3g"), _g(x["n_opt_measured"], ".4g") + ("" if x["minimum_inside_sampled_range"]
+                                                                          else " (edge)"),
+                 _g(x["n_opt_predicted"], ".4g"), _g(x["ratio"], ".3g"), _g(x["loss_best_measured"], ".4g"),
+                 _g(x["loss_at_n_opt_predicted"], ".4g")] for x in ov["by_budget"]]
+        B.append(("table", ["budget C", "N_opt measured (Approach 2)", "N_opt predicted", "measured / predicted",
+                            "best loss measured", "loss predicted at its N_opt"], rows))
+        if "overlay" in figs:
+            B.append(("img", "overlay.png", "Measured isoFLOP points and minima (markers) against the prediction "
+                                            "(dashed curves, crosses)"))
     ce = results.get("curve_extrapolation", {})
     B.append(("h2", "Learning-curve extrapolation"))
     if ce.get("runs"):
@@ -912,6 +1018,11 @@ def _metrics(results: dict[str, Any]) -> dict[str, float]:
                     out[f"{conv}/{a}/{p}_lo"], out[f"{conv}/{a}/{p}_hi"] = ci
         for p in ("E", "A", "B", "alpha", "beta"):
             out[f"{conv}/approach3/{p}"] = r["approach3"][p]
+    ov = results.get("overlay")
+    if ov:
+        out["overlay/a_predicted"] = ov["a_predicted"]
+        out["overlay/n_opt_log10_ratio_mean"] = ov["n_opt_log10_ratio_mean"]
+        out["overlay/loss_log_ratio_median"] = ov["loss_log_ratio_median"]
     ce = results.get("curve_extrapolation", {})
     if ce.get("runs"):
         out["curve_extrapolation/median_abs_rel_err"] = ce["median_abs_rel_err"]
@@ -947,6 +1058,12 @@ def main(argv: list[str]) -> int:
         for name, v in vs.items():
             if v.get("a") is not None:
                 print(laws.verdict_sentence(f"{conv} / {name}", v))
+    ov = results.get("overlay")
+    if ov:
+        m = ov["measured"]["approach3"]
+        print(f"quick vs real ({ov['label']}): predicted a = {ov['a_predicted']:.3f}, measured approach3 a = "
+              f"{m['a']:.3f} {_ci_txt(m['ci95'], '.3f')}; measured / predicted N_opt by budget: "
+              + ", ".join(f"{x['budget']:.2g}: {x['ratio']:.2f}" for x in ov["by_budget"]))
     ce = results["curve_extrapolation"]
     if ce.get("runs"):
         print(f"learning-curve extrapolation ({ce['runs']} runs, first {100 * cfg.curve_frac:.0f}%): median |error| "

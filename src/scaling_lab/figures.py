@@ -260,3 +260,41 @@ def curve_extrapolation(rows: Sequence[dict[str, Any]], folder: Path, name: str)
         err = np.abs(pred / act - 1) * 100
         ax.set_title(f"median |error| {np.median(err):.1f}%, max {err.max():.1f}%")
         return _save(fig, folder, name)
+
+
+def overlay(N: np.ndarray, L: np.ndarray, labels: np.ndarray, fit: laws.IsoFlopFit, law: laws.ChinchillaFit,
+            label: str, folder: Path, name: str, title: str) -> list[Path]:
+    """"Quick vs real": left, each budget's measured losses (dots) and Approach 2 minimum (star) against the
+    predicted isoFLOP curve L(N, C/(kN)) (dashed) and its minimum (cross); right, measured N_opt against C with
+    the predicted N_opt(C) line and the measured Approach 2 line."""
+    with plt.rc_context(STYLE):
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(9.5, 3.8))
+        groups = np.unique(labels)
+        cols = _colors(len(groups))
+        for c, n_opt, p, g in zip(fit.budgets, fit.n_opt, fit.parabolas, fit.groups):
+            col = cols[list(groups).index(g)]
+            m = labels == g
+            ax.scatter(N[m], L[m], s=14, color=col, zorder=3)
+            ax.plot([n_opt], [np.polyval(p, math.log(n_opt))], marker="*", ms=10, color=col, markeredgecolor="k",
+                    zorder=4)
+            n = np.exp(np.linspace(math.log(N[m].min()) - 0.3, math.log(N[m].max()) + 0.3, 200))
+            ax.plot(n, law.loss(n, c / (law.k * n)), "--", color=col, label=f"C = {c:.2g}")
+            n_p = float(law.n_at(c))
+            ax.plot([n_p], [float(law.loss(n_p, law.d_at(c)))], marker="x", ms=9, mew=2, color=col, zorder=4)
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters N")
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_title(title)
+        ax.legend(title="dots/star measured; dashed/x predicted", loc="upper right")
+        C = np.array(fit.budgets)
+        cg = np.exp(np.linspace(math.log(C.min()) - 0.3, math.log(C.max()) + 0.3, 100))
+        bx.scatter(C, fit.n_opt, color=FIT_COLOR, zorder=3, label=f"measured minima (Approach 2, a = {fit.a:.2f})")
+        bx.plot(cg, fit.n_at(cg), color=FIT_COLOR, alpha=0.6)
+        bx.plot(cg, law.n_at(cg), "--", color=CHINCHILLA_COLOR, label=f"predicted: {label} (a = {law.a:.2f})")
+        bx.set_xscale("log")
+        bx.set_yscale("log")
+        bx.set_xlabel("training FLOPs C")
+        bx.set_ylabel("compute-optimal N")
+        bx.set_title("N_opt: measured against predicted")
+        bx.legend(loc="upper left")
+        return _save(fig, folder, name)

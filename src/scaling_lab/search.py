@@ -14,6 +14,7 @@ MLflow: one parent run per study (tags ``scaling_lab.kind=study``), one child ru
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import multiprocessing as mp
 import os
@@ -373,6 +374,61 @@ def storage_url(url: str) -> str:
     return url
 
 
+class StudyLock:
+    """A lock every process that opens the study shares, for the few storage steps that must not interleave:
+    find-or-create the study's parent run and enqueue its sizes; see that a trial waits and take it. A
+    PostgreSQL (or MySQL) storage gives a session lock in the study's own database, so workers on several
+    machines share it and a dead worker's lock ends with its connection; a SQLite storage gives an flock on
+    ``<file>.lock`` beside the database (one lock per file, for the processes of one machine). Held for milliseconds, never while training.
+    ``release`` may be called more than once."""
+
+    def __init__(self, url: str, name: str):
+        from sqlalchemy.engine import make_url
+
+        self.url, self.name = storage_url(url), name
+        self.backend = make_url(self.url).get_backend_name()
+        # 64-bit key of the study name (pg_advisory_lock takes a bigint)
+        self.key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        self._conn = None
+        self._file = None
+
+    def acquire(self) -> StudyLock:
+        if self.backend in ("postgresql", "mysql"):
+            from sqlalchemy import create_engine, text
+            from sqlalchemy.pool import NullPool
+
+            self._conn = create_engine(self.url, poolclass=NullPool).connect()
+            sql = ("SELECT pg_advisory_lock(:k)" if self.backend == "postgresql"
+                   else "SELECT GET_LOCK(:n, 600)")
+            self._conn.execute(text(sql), {"k": self.key, "n": f"scaling-lab:{self.name}"[:64]})
+        elif self.backend == "sqlite":
+            import fcntl
+
+            from sqlalchemy.engine import make_url
+
+            self._file = open(f"{make_url(self.url).database}.lock", "a")  # noqa: SIM115 (held until release)
+            fcntl.flock(self._file, fcntl.LOCK_EX)
+        return self
+
+    def release(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()  # a session lock ends with its session
+            finally:
+                self._conn = None
+        if self._file is not None:
+            try:
+                self._file.close()  # closing the file drops the flock
+            finally:
+                self._file = None
+
+    def __enter__(self) -> StudyLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
 def make_storage(url: str):
     """RDBStorage with heartbeats: a trial whose process died is marked FAIL after the grace period and
     retried once (RetryHeartbeatStaleTrialCallback), so several workers can share one study."""
@@ -453,15 +509,32 @@ def enqueue_missing(study, plan: BudgetPlan, grid: bool) -> int:
     return added
 
 
-def fail_stale_running(study, reason: str) -> list[int]:
-    """Mark RUNNING trials FAIL (single worker on SQLite: they belong to a process that died)."""
+def _dead_here(worker: str) -> bool:
+    """True when ``worker`` ('host:pid', set by the objective) names a process of this machine that is gone."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def fail_stale_running(study, reason: str) -> dict[int, str]:
+    """Mark FAIL the RUNNING trials whose worker process on this machine is gone (a killed search being
+    re-run), at once rather than after the heartbeat grace period. Trials of live workers, or of other
+    machines, are left to the heartbeat. Returns {trial number: its MLflow run id ('' if none)}."""
     from optuna.trial import TrialState
 
-    stale = []
+    stale = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_system_attr(t._trial_id, "fail_reason", reason)
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        stale.append(t.number)
+        if _dead_here(str(t.user_attrs.get("worker", ""))):
+            study._storage.set_trial_system_attr(t._trial_id, "fail_reason", reason)
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            stale[t.number] = t.user_attrs.get("mlflow_run_id", "")
     return stale
 
 
@@ -596,30 +669,44 @@ def optimize_loop(scfg: SearchConfig, plan: BudgetPlan, parent_run_id: str, targ
     """One worker: run trials one at a time until the study has ``target`` finished trials. With grid a
     worker only takes queued trials; while only other workers' trials are RUNNING it looks again every
     POLL_S instead of stopping, since a dead worker's trial turns FAIL after the grace period and is queued
-    again. At most 2 * target trials per call, so trials that keep failing cannot loop forever."""
+    again. At most 2 * target trials per call, so trials that keep failing cannot loop forever.
+
+    The look at the study and Optuna's ask() run under the study's lock: without it two workers can both see
+    the last queued size, and the one whose ask() finds the queue empty gets a freshly sampled extra trial."""
     import optuna
 
     storage = storage or make_storage(scfg.storage)
     study = optuna.load_study(study_name=plan.study_name, storage=storage, sampler=make_sampler(scfg),
                               pruner=pruner or make_pruner(scfg))
     objective = Objective(scfg, plan, parent_run_id)
+    lock = StudyLock(scfg.storage, plan.study_name)
+
+    def take(trial) -> float:  # ask() has given this worker its trial: let the other workers look
+        lock.release()
+        return objective(trial)
+
     started, seen = 0, set()
     while started < 2 * target:
         close_failed_trials(study, seen)
-        states = [t.state.name for t in study.get_trials(deepcopy=False)]
-        finished = states.count("COMPLETE") + states.count("PRUNED")
-        running, waiting = states.count("RUNNING"), states.count("WAITING")
-        if finished >= target:
+        with lock:
+            states = [t.state.name for t in study.get_trials(deepcopy=False)]
+            finished = states.count("COMPLETE") + states.count("PRUNED")
+            running, waiting = states.count("RUNNING"), states.count("WAITING")
+            if finished >= target:
+                action = "stop"
+            elif (waiting > 0) if scfg.sampler == "grid" else (finished + running < target):
+                action = "run"
+                study.optimize(take, n_trials=1, catch=(Exception,), gc_after_trial=True)
+            else:  # other workers' trials: they finish, or turn FAIL (heartbeat) and are queued again
+                action = "wait" if running else "stop"
+        if action == "stop":
             break
-        if (waiting > 0) if scfg.sampler == "grid" else (finished + running < target):
-            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
-            started += 1
-            if on_trial is not None:
-                on_trial(study)
-        elif running:  # other workers' trials: they finish, or turn FAIL (heartbeat) and are queued again
+        if action == "wait":
             time.sleep(min(HEARTBEAT_S, POLL_S))
-        else:
-            break
+            continue
+        started += 1
+        if on_trial is not None:
+            on_trial(study)
     close_failed_trials(study, seen)
 
 
@@ -829,7 +916,13 @@ def log_parent(plog, study, plan: BudgetPlan, res: BudgetResult) -> None:
 
 
 def widen_once(study, plan: BudgetPlan, res: BudgetResult) -> bool:
-    """Extend the range by one size beyond the edge the best sits at; enqueue it. False when it cannot."""
+    """Extend the range by one size beyond the edge the best sits at; enqueue it unless another search
+    command already did. False when it cannot. Call under the study's lock."""
+    attrs = study.user_attrs  # another command may have widened first
+    plan.lo, plan.hi = min(plan.lo, attrs.get("range_lo", plan.lo)), max(plan.hi, attrs.get("range_hi", plan.hi))
+    best = LADDER.index(res.best_n_embd)  # at the edge: the smallest or largest size finished
+    if (res.edge == "smallest" and plan.lo < best) or (res.edge == "largest" and plan.hi > best):
+        return True  # widened by another command: its new size is queued, running or done
     if res.edge == "smallest" and plan.lo > 0:
         plan.lo -= 1
         new = plan.lo
@@ -840,8 +933,42 @@ def widen_once(study, plan: BudgetPlan, res: BudgetResult) -> bool:
         return False
     study.set_user_attr("range_lo", plan.lo)
     study.set_user_attr("range_hi", plan.hi)
-    study.enqueue_trial({"rung": new}, user_attrs={"allocation": "search", "widened": True})
+    if new not in {_rung_of(t) for t in study.get_trials(deepcopy=False) if t.state.name in _ACTIVE}:
+        study.enqueue_trial({"rung": new}, user_attrs={"allocation": "search", "widened": True})
     return True
+
+
+def _run_budget(scfg: SearchConfig, plan: BudgetPlan, study, plog, target: int, bar, out, pruner,
+                lock: StudyLock) -> BudgetResult:
+    """One budget: its trials (here, or in ``workers`` processes), widening while the best size sits at an
+    edge of the range, then the result on the study's parent run."""
+
+    def tick(s) -> None:
+        bar.update(1)
+        b = [t for t in s.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+        if b:
+            t = min(b, key=lambda t: t.value)
+            bar.set_postfix_str(f"C={plan.budget:.0e} best {t.value:.3f} @ d={t.user_attrs['n_embd']}")
+
+    for rounds in range(scfg.widen + 1):
+        if scfg.workers == 1:
+            optimize_loop(scfg, plan, plog.run_id, target, study._storage, pruner, on_trial=tick)
+        else:
+            run_workers(scfg, plan, plog.run_id, target, study, bar, out)
+        res = summarize(study, plan, plog.run_id)
+        if res.edge == "none" or rounds == scfg.widen:
+            break
+        with lock:
+            if not widen_once(study, plan, res):
+                break
+        new_target = target_trials(scfg, plan, study) if scfg.sampler == "grid" else target + 1
+        bar.total += max(0, new_target - target)
+        target = new_target
+        bar.refresh()
+        print(f"  {plan.study_name}: best size is the {res.edge} searched; widening to "
+              f"n_embd {LADDER[plan.lo]}..{LADDER[plan.hi]}", file=out)
+    log_parent(plog, study, plan, res)
+    return res
 
 
 def run_search(scfg: SearchConfig, out=None, pruner=None) -> list[BudgetResult]:
@@ -875,43 +1002,29 @@ def run_search(scfg: SearchConfig, out=None, pruner=None) -> list[BudgetResult]:
         for plan, study in zip(plans, studies):
             tags = {"scaling_lab.kind": "study", "study": plan.study_name, "budget": f"{plan.budget:g}",
                     "flops_rule": scfg.flops_rule, "storage": masked(scfg.storage), "vocab_size": scfg.vocab_size}
-            parent_id = tracking.find_study_run(scfg.experiment, plan.study_name, masked(scfg.storage))
-            with tracking.run(scfg.experiment, plan.study_name, run_id=parent_id, tags=tags,
-                              system_metrics=False) as plog:
-                plog.log_params({k: v for k, v in dataclasses.asdict(scfg).items() if k != "storage"}
-                                | {"budget": plan.budget, "kaplan_n_predicted": round(plan.kaplan_n),
-                                   "chinchilla_n_predicted": round(plan.chinchilla_n)})
-                if scfg.workers == 1 and scfg.storage.startswith("sqlite"):
+            # under the study's lock: several search commands (machines) starting at once find or create ONE
+            # parent run and enqueue each size once
+            lock = StudyLock(scfg.storage, plan.study_name).acquire()
+            try:
+                parent_id = tracking.find_study_run(scfg.experiment, plan.study_name, masked(scfg.storage))
+                with tracking.run(scfg.experiment, plan.study_name, run_id=parent_id, tags=tags,
+                                  system_metrics=False) as plog:
+                    plog.log_params({k: v for k, v in dataclasses.asdict(scfg).items() if k != "storage"}
+                                    | {"budget": plan.budget, "kaplan_n_predicted": round(plan.kaplan_n),
+                                       "chinchilla_n_predicted": round(plan.chinchilla_n)})
                     stale = fail_stale_running(study, "process died (found RUNNING when the search restarted)")
+                    for run_id in filter(None, stale.values()):
+                        tracking.close_trial_run(run_id, "process died before the trial finished")
                     if stale:
-                        tracking.close_stale_trial_runs(plog.run_id, "process died before the trial finished")
-                        print(f"  {plan.study_name}: trials {stale} were left RUNNING by a killed process: "
-                              "marked FAIL and queued again", file=out)
-                enqueue_missing(study, plan, scfg.sampler == "grid")
-                target = target_trials(scfg, plan, study)
+                        print(f"  {plan.study_name}: trials {sorted(stale)} were left RUNNING by a killed process "
+                              "on this machine: marked FAIL and queued again", file=out)
+                    enqueue_missing(study, plan, scfg.sampler == "grid")
+                    target = target_trials(scfg, plan, study)
+                    lock.release()
+                    results.append(_run_budget(scfg, plan, study, plog, target, bar, out, pruner, lock))
+            finally:
+                lock.release()
 
-                def tick(s, _bar=bar, _plan=plan):
-                    _bar.update(1)
-                    b = [t for t in s.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-                    if b:
-                        t = min(b, key=lambda t: t.value)
-                        _bar.set_postfix_str(f"C={_plan.budget:.0e} best {t.value:.3f} @ d={t.user_attrs['n_embd']}")
-
-                for rounds in range(scfg.widen + 1):
-                    if scfg.workers == 1:
-                        optimize_loop(scfg, plan, plog.run_id, target, storage, pruner, on_trial=tick)
-                    else:
-                        run_workers(scfg, plan, plog.run_id, target, study, bar, out)
-                    res = summarize(study, plan, plog.run_id)
-                    if res.edge == "none" or rounds == scfg.widen or not widen_once(study, plan, res):
-                        break
-                    target += 1
-                    bar.total += 1
-                    bar.refresh()
-                    print(f"  {plan.study_name}: best size is the {res.edge} searched; widening to "
-                          f"n_embd {LADDER[plan.lo]}..{LADDER[plan.hi]}", file=out)
-                log_parent(plog, study, plan, res)
-                results.append(res)
     finally:
         bar.close()
     print("\n" + table(results, scfg.flops_rule), file=out)

@@ -417,20 +417,6 @@ def find_study_run(experiment: str, study: str, storage: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def close_stale_trial_runs(parent_run_id: str, reason: str) -> list[str]:
-    """End KILLED (tags trial_state=FAIL, killed_by) the trial runs under a study parent still RUNNING
-    because their process died."""
-    client = MlflowClient()
-    parent = client.get_run(parent_run_id)
-    flt = f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"
-    closed = []
-    for r in client.search_runs([parent.info.experiment_id], flt, max_results=1000):
-        client.log_batch(r.info.run_id, tags=[RunTag("trial_state", "FAIL"), RunTag("killed_by", reason)])
-        client.set_terminated(r.info.run_id, RunStatus.to_string(RunStatus.KILLED))
-        closed.append(r.info.run_id)
-    return closed
-
-
 def close_trial_run(run_id: str, reason: str) -> bool:
     """End KILLED (tags trial_state=FAIL, killed_by=<reason>) one trial run left RUNNING by a worker that died;
     False when the run is already over or gone."""
