@@ -84,6 +84,33 @@ def test_token_cache_second_load_is_fast_and_identical(data_dir, tmp_path):
     assert other.path != first.path and len(other.ids) < len(first.ids)
 
 
+
+_LOAD = """
+import hashlib, sys, time
+import numpy as np
+from scaling_lab import data
+from scaling_lab.config import DataConfig
+time.sleep(max(0.0, float(sys.argv[3]) - time.time()))  # start together
+s = data.load_tokens(DataConfig(dataset=sys.argv[1], vocab_size=512, cache_dir=sys.argv[2]), "validation")
+print(hashlib.sha256(np.asarray(s.ids).tobytes()).hexdigest(), s.n_docs)
+"""
+
+
+def test_processes_filling_one_cold_cache_at_once_all_get_the_same_tokens(data_dir, tmp_path):
+    """Search workers start together on a cold cache: each tokenizes, writes its own temporary files and renames
+    them; none fails, all read the same tokens, and no temporary file is left."""
+    import subprocess
+    import sys
+
+    start = time.time() + 6.0  # after every process has imported its libraries
+    procs = [subprocess.Popen([sys.executable, "-c", _LOAD, str(data_dir), str(tmp_path), str(start)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-1500:] for _, e in outs]
+    assert len({o.strip() for o, _ in outs}) == 1 and outs[0][0].split()[1] == "60"
+    assert not list(tmp_path.glob("*.tmp"))
+    assert len(list(tmp_path.glob("*.bin"))) == 1 and len(list(tmp_path.glob("*.json"))) == 1
+
 def test_parquet_and_jsonl_local_files(tmp_path):
     import pandas as pd
 

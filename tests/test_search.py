@@ -253,6 +253,28 @@ def test_rerun_fails_only_trials_of_dead_processes_on_this_machine(tmp_path):
                       trials["elsewhere"].number: "RUNNING"}
 
 
+
+def test_a_grid_trial_that_raised_is_queued_once_more(tmp_path):
+    from scaling_lab.search import StudyLock, make_storage, retry_failed_once
+
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    study = optuna.create_study(study_name="retry", storage=make_storage(url))
+    study.enqueue_trial({"rung": 3}, user_attrs={"allocation": "kaplan"})
+
+    def broken(trial):
+        trial.suggest_int("rung", 0, 5)
+        raise RuntimeError("database is locked")
+
+    lock = StudyLock(url, "retry")
+    study.optimize(broken, n_trials=1, catch=(RuntimeError,))
+    assert retry_failed_once(study, 0, lock)
+    (copy,) = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert copy.user_attrs == {"allocation": "kaplan", "retry_of": 0}
+    assert not retry_failed_once(study, 0, lock)  # its size is queued already
+    study.optimize(broken, n_trials=1, catch=(RuntimeError,))  # the copy fails too: no third try
+    assert not retry_failed_once(study, copy.number, lock)
+    assert [t.state.name for t in study.get_trials()] == ["FAIL", "FAIL"]
+
 BAD = [
     ({"budgets": "-1e12"}, "budgets"),
     ({"budgets": "0"}, "budgets"),

@@ -278,11 +278,14 @@ def load_tokens(cfg: DataConfig, split: str, max_tokens: int | None = None) -> T
     if n_tokens == 0:
         raise ConfigError("dataset", cfg.dataset, f"a '{split}' split with text in it")
     root.mkdir(parents=True, exist_ok=True)
-    tmp = bin_path.with_suffix(".tmp")
+    # atomic, and safe when several processes (search workers) tokenize the same split at once: each writes
+    # its own temporary files and renames them; a killed run never leaves half a cache, a reader never sees one
+    tmp = root / f"{stem}.{os.getpid()}.tmp"
     np.concatenate(chunks).tofile(tmp)
-    os.replace(tmp, bin_path)  # atomic: a killed run never leaves half a cache
+    os.replace(tmp, bin_path)
     meta = {"n_tokens": n_tokens, "n_bytes": n_bytes, "n_docs": n_docs, "key": key}
-    meta_path.write_text(json.dumps(meta))
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, meta_path)  # the meta last: a reader that finds it finds the whole .bin
     ids = np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(n_tokens,))
     return TokenSplit(ids, n_bytes, n_docs, bin_path)
 

@@ -441,7 +441,8 @@ def make_storage(url: str):
     if url.startswith("sqlite"):
         kwargs = {"connect_args": {"timeout": 60}}
     try:
-        with warnings.catch_warnings():
+        # under a lock: two commands opening an empty database at once would both create Optuna's tables
+        with warnings.catch_warnings(), StudyLock(url, "optuna-schema"):
             warnings.simplefilter("ignore")  # heartbeats are "experimental" in Optuna 5
             return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
@@ -681,8 +682,11 @@ def optimize_loop(scfg: SearchConfig, plan: BudgetPlan, parent_run_id: str, targ
     objective = Objective(scfg, plan, parent_run_id)
     lock = StudyLock(scfg.storage, plan.study_name)
 
+    taken: list[int] = []
+
     def take(trial) -> float:  # ask() has given this worker its trial: let the other workers look
         lock.release()
+        taken.append(trial.number)
         return objective(trial)
 
     started, seen = 0, set()
@@ -705,9 +709,32 @@ def optimize_loop(scfg: SearchConfig, plan: BudgetPlan, parent_run_id: str, targ
             time.sleep(min(HEARTBEAT_S, POLL_S))
             continue
         started += 1
+        if scfg.sampler == "grid" and taken:
+            retry_failed_once(study, taken[-1], lock)
         if on_trial is not None:
             on_trial(study)
     close_failed_trials(study, seen)
+
+
+def retry_failed_once(study, number: int, lock: StudyLock) -> bool:
+    """A grid trial that raised (a transient error such as a locked database, or a real bug) would leave a hole in
+    its isoFLOP curve: queue its size once more, unless it is itself such a retry or the size is queued, running or
+    done. The failed trial keeps its error (user attribute ``error``, its run FAILED); the copy names it in
+    ``retry_of``. Returns whether a copy was queued."""
+    t = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    if t is None or t.state.name != "FAIL" or "retry_of" in t.user_attrs or "failed_trial" in t.system_attrs:
+        return False
+    rung = _rung_of(t)
+    if rung is None:
+        return False
+    with lock:
+        if rung in {_rung_of(x) for x in study.get_trials(deepcopy=False) if x.state.name in _ACTIVE}:
+            return False
+        study.enqueue_trial({"rung": rung}, user_attrs={"allocation": t.user_attrs.get("allocation", "search"),
+                                                        "retry_of": number})
+    print(f"  {study.study_name}: trial {number} (n_embd {LADDER[rung]}) failed "
+          f"({t.user_attrs.get('error', 'see the log above')}); its size is queued once more", file=sys.stderr)
+    return True
 
 
 def _worker_main(scfg_dict: dict, plan_dict: dict, parent_run_id: str, target: int) -> None:
