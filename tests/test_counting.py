@@ -64,3 +64,29 @@ def test_tokens_for_flops_inverts_the_rule():
     for rule in ("kaplan", "total", "chinchilla"):
         d = counting.tokens_for_flops(cfg, 1e12, rule)
         assert d * counting.flops_per_token(cfg, rule) <= 1e12 < (d + 1) * counting.flops_per_token(cfg, rule)
+
+
+def test_cpu_bf16_autocast_runs_attention_in_fp32(monkeypatch):
+    """Under bf16 autocast on CPU, SDPA gets fp32 q, k, v (its bf16 backward is ~3x slower there) and the block
+    still returns bf16 activations, gradients flow, and the loss matches the fp32 model's to bf16 precision."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, n_vocab=n_vocab_for(256)))
+    idx = torch.randint(0, 257, (4, 16))
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append(q.dtype)
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    _, loss32 = model(idx, idx)
+    assert seen == [torch.float32] * 2
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model.blocks[0].attn(torch.randn(4, 16, 32))
+        _, loss16 = model(idx, idx)
+    assert h.dtype == torch.bfloat16 and seen == [torch.float32] * 3
+    loss16.backward()
+    assert model.blocks[0].attn.c_attn.weight.grad.abs().sum() > 0
+    assert loss16.item() == pytest.approx(loss32.item(), rel=2e-2)

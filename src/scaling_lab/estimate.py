@@ -10,6 +10,7 @@ turns a RunConfig's plan into a time estimate from those timings; ``format_plan`
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -59,10 +60,18 @@ def compile_used(cfg: RunConfig, device: torch.device) -> bool:
     return cfg.train.compile == "true" or (cfg.train.compile == "auto" and device.type == "cuda")
 
 
+def _model_code() -> str:
+    """Short hash of the model's source: a timing cached before a change to the compute path is not reused."""
+    from scaling_lab import model
+
+    return hashlib.sha256(Path(model.__file__).read_bytes()).hexdigest()[:8]
+
+
 def calibration_key(cfg: RunConfig, device: torch.device, dtype: torch.dtype, compile_on: bool, micro: int) -> str:
     m = cfg.model
-    return (f"{device_name(device)}|torch {torch.__version__}|L{m.n_layer} H{m.n_head} d{m.n_embd} "
-            f"T{m.block_size} V{m.n_vocab}|micro {micro}|{str(dtype).replace('torch.', '')}|compile {compile_on}")
+    return (f"{device_name(device)}|torch {torch.__version__}|model {_model_code()}|L{m.n_layer} H{m.n_head} "
+            f"d{m.n_embd} T{m.block_size} V{m.n_vocab}|micro {micro}|{str(dtype).replace('torch.', '')}|"
+            f"compile {compile_on}")
 
 
 def calibration_path(cfg: RunConfig) -> Path:

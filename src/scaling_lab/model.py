@@ -24,7 +24,14 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(d, dim=2)
         # (b, n_head, t, head_dim)
         q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # bf16 autocast on CPU: torch's bf16 flash-attention backward is ~3x slower than fp32 here (11.5 vs 3.7 ms
+            # per layer at b16 h4 t128, benchmarks/RESULTS.md), half of a quick step; attention runs in fp32, the
+            # matmuls around it stay bf16
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).to(q.dtype)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.c_proj(y.transpose(1, 2).contiguous().view(b, t, d))
 
 
