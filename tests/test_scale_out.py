@@ -300,7 +300,7 @@ _HOLD = """
 import sys, time
 from scaling_lab.search import StudyLock
 with StudyLock(sys.argv[1], "contended"):
-    print(f"{time.time():.3f}", flush=True)
+    print(repr(time.time()), flush=True)
 """
 
 
