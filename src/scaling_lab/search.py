@@ -379,8 +379,8 @@ class StudyLock:
     find-or-create the study's parent run and enqueue its sizes; see that a trial waits and take it. A
     PostgreSQL (or MySQL) storage gives a session lock in the study's own database, so workers on several
     machines share it and a dead worker's lock ends with its connection; a SQLite storage gives an flock on
-    ``<file>.lock`` beside the database (one lock per file, for the processes of one machine). Held for milliseconds, never while training.
-    ``release`` may be called more than once."""
+    ``<file>.lock`` beside the database (one lock per file, for the processes of one machine). Held for
+    milliseconds, never while training. ``release`` may be called more than once."""
 
     def __init__(self, url: str, name: str):
         from sqlalchemy.engine import make_url

@@ -171,11 +171,9 @@ class RunLogger:
 
 
 @contextlib.contextmanager
-def _single_http_attempt(timeout_s: int = 30):
-    """MLflow HTTP requests in this block: one attempt, ``timeout_s`` at most (env vars MLflow reads per call)."""
-    if not tracking_uri().startswith("http"):
-        yield
-        return
+def _one_http_attempt_env(timeout_s: int):
+    """MLflow HTTP requests in this block: one attempt, ``timeout_s`` at most (env vars MLflow reads per call);
+    the previous values come back afterwards."""
     keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
     old = {k: os.environ.get(k) for k in keys}
     os.environ.update(keys)
@@ -187,6 +185,16 @@ def _single_http_attempt(timeout_s: int = 30):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _single_http_attempt(timeout_s: int = 30):
+    """MLflow HTTP requests in this block: one attempt, ``timeout_s`` at most (only for an http:// store)."""
+    if not tracking_uri().startswith("http"):
+        yield
+        return
+    with _one_http_attempt_env(timeout_s):
+        yield
 
 
 @contextlib.contextmanager
@@ -471,22 +479,15 @@ def check_store(experiment: str = "", uri: str | None = None, timeout_s: int = 5
             return True, f"{uri} (not created yet; folder {folder} is writable)"
         if not os.access(path, os.W_OK):
             return False, f"{uri}: file is not writable"
-    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
     try:
-        client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(experiment) if experiment else None
-        exps = [exp] if exp is not None else client.search_experiments(max_results=1)
-        if not exps:
-            return True, f"{uri} (reachable; no experiment yet to test a write)"
-        client.set_experiment_tag(exps[0].experiment_id, "scaling_lab.doctor", time.strftime("%Y-%m-%dT%H:%M:%S"))
-        return True, f"{uri} (read and wrote experiment '{exps[0].name}')"
+        with _one_http_attempt_env(timeout_s):
+            client = MlflowClient(uri)
+            exp = client.get_experiment_by_name(experiment) if experiment else None
+            exps = [exp] if exp is not None else client.search_experiments(max_results=1)
+            if not exps:
+                return True, f"{uri} (reachable; no experiment yet to test a write)"
+            client.set_experiment_tag(exps[0].experiment_id, "scaling_lab.doctor",
+                                      time.strftime("%Y-%m-%dT%H:%M:%S"))
+            return True, f"{uri} (read and wrote experiment '{exps[0].name}')"
     except Exception as exc:  # unreachable server, bad credentials, locked or corrupt file
         return False, f"{uri}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
