@@ -1,5 +1,6 @@
-"""Real processes and servers for the scale-out tests: launched training runs, `mlflow server`, and a private
-PostgreSQL cluster on a loopback port. No mocks: each helper starts the real program and waits for it."""
+"""Real processes and servers for the tests: launched training runs, `mlflow server`, a private PostgreSQL
+cluster on a loopback port, and readers of a test's MLflow store. No mocks: each helper starts the real
+program and waits for it."""
 
 from __future__ import annotations
 
@@ -13,10 +14,47 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "mlproject" / "main.py"
 SEARCH = ROOT / "mlproject" / "search.py"
+PER_STEP = ("train/loss", "lr", "grad_norm", "tokens_seen", "flops_seen", "step_time_ms", "tokens_per_s")
+
+
+# --------------------------------------------------------------------------- a test's MLflow store
+
+
+def store_client(store: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+
+
+def all_runs(client: MlflowClient):
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], max_results=5000)]
+
+
+def store_runs(store: Path):
+    """Every run in ``store``/mlflow.db ([] before the store exists)."""
+    return all_runs(store_client(store)) if (store / "mlflow.db").exists() else []
+
+
+def steps_of(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def assert_complete(client: MlflowClient, run_id: str) -> list[float]:
+    """Every per-step metric holds steps 1..N exactly once (N = the run's planned steps), evaluations once each;
+    returns the train/loss curve."""
+    n = int(client.get_run(run_id).data.params["steps"])
+    for key in PER_STEP:
+        assert steps_of(client, run_id, key) == list(range(1, n + 1)), key
+    val = steps_of(client, run_id, "val/loss")
+    assert len(val) == len(set(val)) and val[-1] == n
+    return [m.value for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)]
+
+
+def falls(losses: list[float]) -> bool:
+    return sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
 
 
 def free_port() -> int:

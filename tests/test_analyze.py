@@ -11,23 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
+from servers import store_client as _client
+from servers import store_runs as _runs
 
 from scaling_lab import analyze, laws
 
 ROOT = Path(__file__).resolve().parents[1]
 EXP = "lab"
-
-
-def _client(store: Path) -> MlflowClient:
-    return MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
-
-
-def _runs(store: Path):
-    if not (store / "mlflow.db").exists():
-        return []
-    c = _client(store)
-    return [r for e in c.search_experiments() for r in c.search_runs([e.experiment_id])]
 
 
 def _use_store(mp: pytest.MonkeyPatch, folder: Path) -> None:

@@ -12,36 +12,23 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from servers import SEARCH, MlflowServer, Postgres, finish, free_port, launch, postgres_bindir, wait_for
+from servers import (
+    SEARCH,
+    MlflowServer,
+    Postgres,
+    all_runs,
+    assert_complete,
+    falls,
+    finish,
+    free_port,
+    launch,
+    postgres_bindir,
+    steps_of,
+    wait_for,
+)
 
 from scaling_lab import config
 from scaling_lab.train import MemoryLogger, train
-
-PER_STEP = ("train/loss", "lr", "grad_norm", "tokens_seen", "flops_seen", "step_time_ms", "tokens_per_s")
-
-
-def all_runs(client: MlflowClient):
-    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], max_results=5000)]
-
-
-def steps_of(client: MlflowClient, run_id: str, key: str) -> list[int]:
-    return sorted(m.step for m in client.get_metric_history(run_id, key))
-
-
-def assert_complete(client: MlflowClient, run_id: str) -> list[float]:
-    """Every per-step metric holds steps 1..N exactly once; returns the train/loss curve."""
-    run = client.get_run(run_id)
-    n = int(run.data.params["steps"])
-    for key in PER_STEP:
-        assert steps_of(client, run_id, key) == list(range(1, n + 1)), key
-    val = steps_of(client, run_id, "val/loss")
-    assert len(val) == len(set(val)) and val[-1] == n
-    return [m.value for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)]
-
-
-def falls(losses: list[float]) -> bool:
-    return sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
-
 
 # --------------------------------------------------------------------------- torchrun
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
+from servers import store_client as _client
+from servers import store_runs as _runs
 
 from scaling_lab import config, counting
 from scaling_lab.search import (
@@ -41,17 +42,6 @@ def tiny_search(data_dir, store) -> dict[str, str]:
 
 def _args(d: dict) -> list[str]:
     return [x for k, v in d.items() for x in (f"--{k}", str(v))]
-
-
-def _client(store: Path) -> MlflowClient:
-    return MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
-
-
-def _runs(store: Path):
-    if not (store / "mlflow.db").exists():
-        return []
-    c = _client(store)
-    return [r for e in c.search_experiments() for r in c.search_runs([e.experiment_id], max_results=5000)]
 
 
 def _studies(storage: str) -> dict[str, optuna.Study]:
