@@ -10,7 +10,8 @@ import sys
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # tiny fits: one BLAS thread is fastest
 
-from scaling_lab.analyze import AnalyzeConfig, curve_extrapolation, load_mlflow  # noqa: E402
+from scaling_lab.analyze import AnalyzeConfig, curve_extrapolation  # noqa: E402
+from scaling_lab.sources import load_mlflow  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

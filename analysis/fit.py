@@ -9,7 +9,7 @@ import sys
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # tiny fits: one BLAS thread is fastest
 
-from scaling_lab.analyze import main  # noqa: E402
+from scaling_lab.cli import main_analyze  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main_analyze(sys.argv[1:]))

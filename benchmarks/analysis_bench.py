@@ -1,6 +1,6 @@
 """Analysis time on a real SQLite MLflow store: N stored trial runs with full histories -> query + fit + report.
 
-Builds the store with ``analyze.log_study`` (simulated quick-mode studies replicated with different seeds, each
+Builds the store with ``sources.log_study`` (simulated quick-mode studies replicated with different seeds, each
 run with a train/loss history of about ``--points`` values and 10 val/loss values), then times the steps of the
 ``analyze`` entry point. Prints one table; the goal in issue 4 is under 60 s for 1,000 runs.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 
-from scaling_lab import analyze, tracking  # noqa: E402
+from scaling_lab import analyze, report, sources, tracking  # noqa: E402
 
 
 def build_store(folder: Path, n_runs: int, points: int) -> float:
@@ -29,11 +29,11 @@ def build_store(folder: Path, n_runs: int, points: int) -> float:
     t0 = time.perf_counter()
     done, seed = 0, 0
     while done < n_runs:
-        sim = analyze.simulate(seed=seed, noise=0.01)
+        sim = sources.simulate(seed=seed, noise=0.01)
         sim.runs = sim.runs.iloc[: n_runs - done].copy()
         sim.runs["run_id"] = [f"{r}-s{seed}" for r in sim.runs["run_id"]]
         sim.curves = {f"{k}-s{seed}": v for k, v in sim.curves.items()}
-        analyze.log_study(sim, "bench", f"rep{seed}", train_points=points)
+        sources.log_study(sim, "bench", f"rep{seed}", train_points=points)
         done += len(sim.runs)
         seed += 1
     return time.perf_counter() - t0
@@ -48,14 +48,14 @@ def time_analysis(folder: Path, bootstrap: int) -> dict[str, float]:
     t["query runs"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     ids = frame["run_id"].tolist()
-    hist = tracking.metric_histories(ids, list(analyze.HISTORY_KEYS))
+    hist = tracking.metric_histories(ids, list(sources.HISTORY_KEYS))
     t["val/loss histories"] = time.perf_counter() - t1
-    study = analyze.from_frame(frame, hist, {"source": "mlflow"})
+    study = sources.from_frame(frame, hist, {"source": "mlflow"})
     t2 = time.perf_counter()
     results, objects = analyze.analyze_study(study, cfg)
     t["fits + bootstrap"] = time.perf_counter() - t2
     t3 = time.perf_counter()
-    analyze.write_report(results, objects, study, cfg.out)
+    report.write_report(results, objects, study, cfg.out)
     t["figures + report"] = time.perf_counter() - t3
     t["total (analyze)"] = time.perf_counter() - t0
     t4 = time.perf_counter()

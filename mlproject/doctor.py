@@ -2,7 +2,7 @@
 
 import sys
 
-from scaling_lab.doctor import main
+from scaling_lab.cli import main_doctor
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main_doctor(sys.argv[1:]))

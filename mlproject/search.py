@@ -2,7 +2,7 @@
 
 import sys
 
-from scaling_lab.search import main
+from scaling_lab.cli import main_search
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main_search(sys.argv[1:]))

@@ -14,7 +14,8 @@ import pytest
 from servers import store_client as _client
 from servers import store_runs as _runs
 
-from scaling_lab import analyze, laws
+from scaling_lab import analyze, cli, config, laws, overlay, report, sources, tracking
+from scaling_lab.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 EXP = "lab"
@@ -35,11 +36,11 @@ def logged_store(tmp_path_factory):
     folder = tmp_path_factory.mktemp("logged")
     mp = pytest.MonkeyPatch()
     _use_store(mp, folder)
-    sim = analyze.simulate(seed=7, noise=0.01)
-    parent = analyze.log_study(sim, EXP, "s1", pruned=2)
-    other = analyze.simulate(seed=8, noise=0.01, budgets=[1e12])
+    sim = sources.simulate(seed=7, noise=0.01)
+    parent = sources.log_study(sim, EXP, "s1", pruned=2)
+    other = sources.simulate(seed=8, noise=0.01, budgets=[1e12])
     other.runs = other.runs.iloc[:1]
-    analyze.log_study(other, EXP, "s2")
+    sources.log_study(other, EXP, "s2")
     mp.undo()
     return folder, sim, parent
 
@@ -54,8 +55,8 @@ def logged(logged_store, monkeypatch):
 def test_mlflow_selection_by_tags_and_parent(logged):
     sim, parent = logged
     cfg = analyze.AnalyzeConfig(experiment=EXP, tags="study=s1", log=False)
-    by_tag = analyze.load_mlflow(cfg)
-    by_parent = analyze.load_mlflow(analyze.AnalyzeConfig(experiment=EXP, parent_run=parent, log=False))
+    by_tag = sources.load_mlflow(cfg)
+    by_parent = sources.load_mlflow(analyze.AnalyzeConfig(experiment=EXP, parent_run=parent, log=False))
     assert len(by_tag.runs) == len(sim.runs) - 2  # PRUNED trials give curves only
     assert sorted(by_tag.runs["run_id"]) == sorted(by_parent.runs["run_id"])
     assert len(by_tag.curve_runs) == len(sim.runs)
@@ -65,12 +66,12 @@ def test_mlflow_selection_by_tags_and_parent(logged):
 
 def test_csv_and_mlflow_give_the_same_fit(logged, tmp_path):
     cfg = analyze.AnalyzeConfig(experiment=EXP, tags="study=s1", bootstrap=0, log=False, convention="total")
-    study = analyze.load_mlflow(cfg)
+    study = sources.load_mlflow(cfg)
     ml, _ = analyze.analyze_study(study, cfg)
     path = tmp_path / "runs.csv"
     study.runs.rename(columns={"n_params_total": "N", "tokens": "D", "loss": "L"})[["N", "D", "L"]].to_csv(
         path, index=False)
-    cs = analyze.load_csv(path, "params=N,tokens=D,loss=L")  # flops absent: C = 6ND, grouped by tolerance
+    cs = sources.load_csv(path, "params=N,tokens=D,loss=L")  # flops absent: C = 6ND, grouped by tolerance
     cv, _ = analyze.analyze_study(cs, analyze.AnalyzeConfig(source="csv", csv=str(path), bootstrap=0, log=False))
     a, b = ml["conventions"]["total"], cv["conventions"]["csv"]
     for k in ("E", "A", "B", "alpha", "beta", "a"):
@@ -82,7 +83,7 @@ def test_csv_and_mlflow_give_the_same_fit(logged, tmp_path):
 
 
 def test_simulation_recovers_its_law():
-    study = analyze.simulate(seed=3, noise=0.002)
+    study = sources.simulate(seed=3, noise=0.002)
     res, _ = analyze.analyze_study(study, analyze.AnalyzeConfig(source="simulate", bootstrap=0, log=False,
                                                                 convention="total"))
     got, truth = res["simulation"]["recovered"], res["simulation"]["truth"]
@@ -98,7 +99,7 @@ def _csv(tmp_path, frame: pd.DataFrame) -> str:
 
 
 def _sim_frame() -> pd.DataFrame:
-    r = analyze.simulate(seed=1).runs
+    r = sources.simulate(seed=1).runs
     return pd.DataFrame({"N": r["n_params_total"], "D": r["tokens"], "C": r["flops_total"], "L": r["loss"]})
 
 
@@ -116,7 +117,7 @@ BAD = [
 @pytest.mark.parametrize("name,edit,columns,param,text", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_one_clear_error_no_run(name, edit, columns, param, text, store, tmp_path, capsys):
     path = _csv(tmp_path, edit(_sim_frame()))
-    code = analyze.main(["--source", "csv", "--csv", path, "--columns", columns, "--experiment", EXP,
+    code = cli.main_analyze(["--source", "csv", "--csv", path, "--columns", columns, "--experiment", EXP,
                          "--bootstrap", "0"])
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
@@ -126,18 +127,18 @@ def test_bad_input_one_clear_error_no_run(name, edit, columns, param, text, stor
 
 
 def test_bad_flags_and_empty_selection(store, capsys):
-    assert analyze.main(["--source", "mlflow", "--experiment", "nope"]) == 2
+    assert cli.main_analyze(["--source", "mlflow", "--experiment", "nope"]) == 2
     assert "parameter 'experiment'" in capsys.readouterr().err
-    assert analyze.main(["--convention", "chinchilla"]) == 2
+    assert cli.main_analyze(["--convention", "chinchilla"]) == 2
     assert "parameter 'convention'" in capsys.readouterr().err
-    assert analyze.main(["--bootstrap", "x"]) == 2
+    assert cli.main_analyze(["--bootstrap", "x"]) == 2
     assert "parameter 'bootstrap'" in capsys.readouterr().err
     assert not _runs(store)
 
 
 def test_end_to_end_report_and_analyze_run(logged, tmp_path, capsys):
     out = tmp_path / "report"
-    code = analyze.main(["--experiment", EXP, "--tags", "study=s1", "--out", str(out), "--bootstrap", "30",
+    code = cli.main_analyze(["--experiment", EXP, "--tags", "study=s1", "--out", str(out), "--bootstrap", "30",
                          "--budgets", "1e21"])
     printed = capsys.readouterr().out
     assert code == 0, printed
@@ -168,7 +169,7 @@ def test_end_to_end_report_and_analyze_run(logged, tmp_path, capsys):
     assert {"report/fits.json", "report/report.html", "report/isoflop_total.png"} <= arts
     assert ana[0].data.metrics["total/approach3/a"] == pytest.approx(fits["conventions"]["total"]["approach3"]["a"])
     # the analyze run is not itself read as data by the next analysis
-    again = analyze.load_mlflow(analyze.AnalyzeConfig(experiment=EXP, log=False))
+    again = sources.load_mlflow(analyze.AnalyzeConfig(experiment=EXP, log=False))
     assert len(again.runs) == 31
 
 
@@ -192,14 +193,12 @@ def test_mlflow_run_analyze_entry_point_on_csv(store, tmp_path):
 def test_curve_extrapolation_on_real_tiny_runs(store, tiny):
     """Two real tiny training runs logged to MLflow; their stored validation curves feed the learning-curve
     extrapolation (the error is measured, not asserted small: see docs/analysis.md for numbers)."""
-    from scaling_lab import config, tracking
-    from scaling_lab.train import train
 
     for n_embd in (32, 48):
         cfg = config.resolve({**tiny, "n_embd": str(n_embd), "n_head": "2", "experiment": EXP})
         with tracking.run(EXP, f"tiny-{n_embd}", system_metrics=False) as log:
             train(cfg, log)
-    study = analyze.load_mlflow(analyze.AnalyzeConfig(experiment=EXP, log=False))
+    study = sources.load_mlflow(analyze.AnalyzeConfig(experiment=EXP, log=False))
     assert len(study.runs) == 2 and len(study.curves) == 2
     r = analyze.curve_extrapolation(study, 0.5)
     assert r["runs"] == 2
@@ -211,11 +210,11 @@ def test_curve_extrapolation_on_real_tiny_runs(store, tiny):
 
 
 def test_nan_final_loss_in_store_is_named(store, capsys):
-    sim = analyze.simulate(seed=2, budgets=[1e12, 3e12], shapes=[(1, 16), (2, 32), (3, 64)])
+    sim = sources.simulate(seed=2, budgets=[1e12, 3e12], shapes=[(1, 16), (2, 32), (3, 64)])
     bad = sim.runs["run_id"].iloc[1]
     sim.curves[bad].loc[sim.curves[bad].index[-1], "loss"] = float("nan")
-    analyze.log_study(sim, EXP, "nan")
-    code = analyze.main(["--experiment", EXP, "--tags", "study=nan", "--bootstrap", "0"])
+    sources.log_study(sim, EXP, "nan")
+    code = cli.main_analyze(["--experiment", EXP, "--tags", "study=nan", "--bootstrap", "0"])
     err = capsys.readouterr().err
     assert code == 2 and "parameter 'final/val_loss'" in err and "1 run(s)" in err, err
     assert not [r for r in _runs(store) if r.data.tags.get("scaling_lab.kind") == "analyze"]
@@ -239,11 +238,11 @@ def test_overlay_simulate_predicts_from_the_simulation_law_over_measured_runs(tm
     """'Measured' runs drawn from another law: the overlay's predicted N_opt and a are the simulation law's own
     (Hoffmann et al. 2022 Eq. 4), the measured ones differ from them, and the report, figure and MLflow run
     carry the comparison."""
-    measured = analyze.simulate(seed=5, noise=0.003, law=OTHER_LAW)
+    measured = sources.simulate(seed=5, noise=0.003, law=OTHER_LAW)
     cfg = analyze.AnalyzeConfig(source="simulate", bootstrap=20, log=False, convention="total", overlay="simulate")
     res, objects = analyze.analyze_study(measured, cfg)
     ov = res["overlay"]
-    sim = laws.ChinchillaFit(**analyze.SIM_LAW)
+    sim = laws.ChinchillaFit(**sources.SIM_LAW)
     assert ov["a_predicted"] == pytest.approx(sim.a) and ov["measured_convention"] == "total"
     assert len(ov["by_budget"]) == 4
     for row in ov["by_budget"]:
@@ -254,7 +253,7 @@ def test_overlay_simulate_predicts_from_the_simulation_law_over_measured_runs(tm
     assert ov["n_opt_log10_ratio_mean"] > 0.1  # larger exponent, larger N_opt in this range
     assert ov["loss_log_ratio_max_abs"] > 0.1  # another law: losses up to >10% off the predicted ones
 
-    folder = analyze.write_report(res, objects, measured, tmp_path / "rep")
+    folder = report.write_report(res, objects, measured, tmp_path / "rep")
     assert {"overlay.png", "overlay.svg"} <= {p.name for p in folder.iterdir()}
     md = (folder / "report.md").read_text()
     assert "Quick vs real" in md and "(prediction outside)" in md and "overlay.png" in md
@@ -264,12 +263,12 @@ def test_overlay_from_an_earlier_fits_json_of_the_same_law_agrees(tmp_path, stor
     """A prediction fitted on one simulated study (its fits.json) over another study of the same law: the
     measured minima and losses agree with it within the noise."""
     first = tmp_path / "first"
-    res, objects = analyze.analyze_study(analyze.simulate(seed=11, noise=0.002),
+    res, objects = analyze.analyze_study(sources.simulate(seed=11, noise=0.002),
                                          analyze.AnalyzeConfig(source="simulate", bootstrap=0, log=False))
-    analyze.write_report(res, objects, analyze.simulate(seed=11, noise=0.002), first)
-    pred = analyze.load_prediction(str(first))  # the folder: its fits.json
+    report.write_report(res, objects, sources.simulate(seed=11, noise=0.002), first)
+    pred = overlay.load_prediction(str(first))  # the folder: its fits.json
     assert pred.convention == "total" and pred.law.alpha == pytest.approx(res["conventions"]["total"]["approach3"]["alpha"])
-    measured = analyze.simulate(seed=12, noise=0.002)
+    measured = sources.simulate(seed=12, noise=0.002)
     res2, _ = analyze.analyze_study(measured, analyze.AnalyzeConfig(source="simulate", bootstrap=0, log=False,
                                                                     overlay=str(first / "fits.json")))
     ov = res2["overlay"]
@@ -279,13 +278,13 @@ def test_overlay_from_an_earlier_fits_json_of_the_same_law_agrees(tmp_path, stor
 
 def test_overlay_logged_by_the_entry_point(logged, tmp_path, capsys):
     out = tmp_path / "ov"
-    code = analyze.main(["--experiment", EXP, "--tags", "study=s1", "--out", str(out), "--bootstrap", "0",
+    code = cli.main_analyze(["--experiment", EXP, "--tags", "study=s1", "--out", str(out), "--bootstrap", "0",
                          "--overlay", "simulate"])
     assert code == 0, capsys.readouterr().out
     ana = [r for r in _runs(Path.cwd()) if r.data.tags.get("scaling_lab.kind") == "analyze"
            and r.data.params.get("out") == str(out)]
     assert len(ana) == 1 and ana[0].data.params["overlay"] == "simulate"
-    assert ana[0].data.metrics["overlay/a_predicted"] == pytest.approx(laws.ChinchillaFit(**analyze.SIM_LAW).a)
+    assert ana[0].data.metrics["overlay/a_predicted"] == pytest.approx(laws.ChinchillaFit(**sources.SIM_LAW).a)
     arts = {a.path for a in _client(Path.cwd()).list_artifacts(ana[0].info.run_id, "report")}
     assert "report/overlay.png" in arts
 
@@ -298,7 +297,7 @@ def test_bad_overlay_one_clear_error_no_run(content, text, store, tmp_path, caps
     path = tmp_path / "fits.json"
     if content is not None:
         path.write_text(content)
-    code = analyze.main(["--source", "simulate", "--experiment", EXP, "--bootstrap", "0", "--overlay", str(path)])
+    code = cli.main_analyze(["--source", "simulate", "--experiment", EXP, "--bootstrap", "0", "--overlay", str(path)])
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "parameter 'overlay'" in lines[0] and text in lines[0], lines
     assert not _runs(store)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scaling_lab import doctor
+from scaling_lab import cli, data, doctor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def test_mlproject_doctor_entry_matches_its_flags():
 
 
 def test_ready_offline_with_local_data_and_the_tokenizer_cache(data_dir, store, capsys):
-    code = doctor.main(["--mode", "tiny", "--dataset", str(data_dir), "--train_split", "test"])
+    code = cli.main_doctor(["--mode", "tiny", "--dataset", str(data_dir), "--train_split", "test"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "FAIL" not in out and "doctor: ready for mode tiny" in out
@@ -49,7 +49,7 @@ def test_ready_offline_with_local_data_and_the_tokenizer_cache(data_dir, store, 
 
 
 def test_not_ready_when_the_dataset_cannot_be_found(data_dir, store, capsys):
-    code = doctor.main(["--mode", "quick"])  # wikitext-2 from the hub, which is unreachable (HF_HUB_OFFLINE=1)
+    code = cli.main_doctor(["--mode", "quick"])  # wikitext-2 from the hub, which is unreachable (HF_HUB_OFFLINE=1)
     out = capsys.readouterr().out
     assert code == 1
     ds = _lines(out, "dataset")
@@ -58,7 +58,7 @@ def test_not_ready_when_the_dataset_cannot_be_found(data_dir, store, capsys):
     assert "fix: pass dataset=" in fix
     assert "problem(s) for mode quick: dataset" in out
 
-    code = doctor.main(["--mode", "tiny", "--dataset", str(store / "no-such-dir")])
+    code = cli.main_doctor(["--mode", "tiny", "--dataset", str(store / "no-such-dir")])
     out = capsys.readouterr().out
     assert code == 1 and "parameter 'dataset'" in _lines(out, "dataset")[0]
 
@@ -79,7 +79,7 @@ def test_unreachable_stores_fail_with_the_fix(monkeypatch, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("cache", ["empty", "unset"])
 def test_tokenizer_reported_missing_without_the_offline_cache(cache, data_dir, tmp_path):
-    if doctor._reachable(doctor.TIKTOKEN_HOST):
+    if data.reachable(doctor.TIKTOKEN_HOST):
         pytest.skip("tiktoken's host is reachable here: the tokenizer would simply download")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
     env.pop("TIKTOKEN_CACHE_DIR")

@@ -13,7 +13,7 @@ import pytest
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from scaling_lab import config, estimate
+from scaling_lab import config, estimate, isoflop, search
 from scaling_lab.cli import main_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,14 +73,13 @@ def test_dry_run_creates_nothing_and_matches_the_real_run(tiny, store, capsys):
 
 
 def test_search_plan_creates_no_study_and_costs_every_budget(data_dir, tmp_path, monkeypatch):
-    from scaling_lab import search
 
     monkeypatch.chdir(tmp_path)
     db = tmp_path / "optuna.db"
-    scfg = search.resolve_search({"mode": "tiny", "dataset": str(data_dir), "train_split": "test",
+    scfg = isoflop.resolve_search({"mode": "tiny", "dataset": str(data_dir), "train_split": "test",
                                   "storage": f"sqlite:///{db}"})
-    budgets = estimate.plan_search(scfg)
-    text = estimate.format_search_plan(scfg, budgets)
+    budgets = search.plan_search(scfg)
+    text = search.format_search_plan(scfg, budgets)
     assert not db.exists()  # no Optuna storage, study or trial
     assert [b.plan.budget for b in budgets] == scfg.budget_list()
     for b in budgets:

@@ -108,3 +108,24 @@ def test_mlflow_run_bad_input_marks_run_failed_with_reason(tiny, store):
     runs = _runs(store)
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "n_embd" in runs[0].data.tags["error"]
+
+
+ZEROS = {"seed": "0", "grad_clip": "0", "weight_decay": "0", "warmup_frac": "0"}
+
+
+def test_explicit_zero_is_a_value_not_unset():
+    """One parser for every entry point: '' or absent is unset, 0 is zero (seed 0, clipping off, no decay, no warmup)."""
+    cfg = config.resolve({"mode": "tiny", **ZEROS})
+    assert (cfg.train.seed, cfg.train.grad_clip, cfg.train.weight_decay, cfg.train.warmup_frac) == (0, 0.0, 0.0, 0.0)
+    unset = config.resolve({"mode": "tiny", **{k: "" for k in ZEROS}})
+    assert (unset.train.seed, unset.train.grad_clip, unset.train.weight_decay) == (1337, 1.0, 0.1)
+
+
+@pytest.mark.slow
+def test_mlflow_run_logs_explicit_zeros_as_zero(tiny, store):
+    params = [x for k, v in {**tiny, **ZEROS, "checkpoint_dir": str(store / "ck")}.items() for x in ("-P", f"{k}={v}")]
+    proc = _mlflow_run(params, store)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = _runs(store)
+    for name in ZEROS:
+        assert float(run.data.params[f"resolved.{name}"]) == 0.0, (name, run.data.params[f"resolved.{name}"])

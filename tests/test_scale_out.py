@@ -28,6 +28,8 @@ from servers import (
 )
 
 from scaling_lab import config
+from scaling_lab.isoflop import plan_budget, resolve_search
+from scaling_lab.studies import StudyLock, make_storage, storage_url, target_trials
 from scaling_lab.train import MemoryLogger, train
 
 # --------------------------------------------------------------------------- torchrun
@@ -161,7 +163,6 @@ def test_four_workers_share_one_study_on_postgresql(data_dir, tmp_path, postgres
     assert len(numbers) == len(set(numbers))  # no trial number twice
     assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
-    from scaling_lab.search import plan_budget, resolve_search, target_trials
 
     scfg = resolve_search(search_args(data_dir, url, workers="4"))
     study = optuna.load_study(study_name=summary.study_name, storage=url)
@@ -219,7 +220,6 @@ def test_worker_killed_mid_trial_is_failed_by_heartbeat_and_retried(data_dir, tm
     assert len(retries) == 1 and retries[0].state.name in ("COMPLETE", "PRUNED")  # ... and run again
     assert retries[0].params["rung"] == victim.params["rung"]
     assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
-    from scaling_lab.search import plan_budget, resolve_search, target_trials
 
     scfg = resolve_search(search_args(data_dir, url, pad="0"))
     study = optuna.load_study(study_name=s.study_name, storage=url)
@@ -239,7 +239,6 @@ def test_plain_postgresql_url_uses_the_installed_driver(postgres):
 
     import optuna
 
-    from scaling_lab.search import make_storage, storage_url
 
     url = postgres.create_db("plain").replace("postgresql+psycopg2://", "postgresql://")
     if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
@@ -268,7 +267,6 @@ def test_two_search_commands_started_together_share_one_study_and_one_parent_run
     study = optuna.load_study(study_name=summary.study_name, storage=url)
     trials = study.get_trials()
     assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING", "FAIL")]
-    from scaling_lab.search import plan_budget, resolve_search, target_trials
 
     scfg = resolve_search(args)
     plan = plan_budget(scfg, 2e9)
@@ -285,7 +283,7 @@ def test_two_search_commands_started_together_share_one_study_and_one_parent_run
 
 _HOLD = """
 import sys, time
-from scaling_lab.search import StudyLock
+from scaling_lab.studies import StudyLock
 with StudyLock(sys.argv[1], "contended"):
     print(repr(time.time()), flush=True)
 """
@@ -295,7 +293,6 @@ with StudyLock(sys.argv[1], "contended"):
 def test_study_lock_excludes_another_process_until_released(backend, tmp_path, request):
     import subprocess
 
-    from scaling_lab.search import StudyLock
 
     url = (f"sqlite:///{tmp_path / 'optuna.db'}" if backend == "sqlite"
            else request.getfixturevalue("postgres").create_db("lock"))

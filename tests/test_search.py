@@ -17,19 +17,21 @@ from servers import store_client as _client
 from servers import store_runs as _runs
 
 from scaling_lab import config, counting
-from scaling_lab.search import (
+from scaling_lab.cli import main_search as main
+from scaling_lab.counting import chinchilla_n, kaplan_n
+from scaling_lab.isoflop import (
     LADDER,
     SEARCH_FIELDS,
     batch_for,
-    chinchilla_n,
-    kaplan_n,
-    main,
     model_at,
     plan_budget,
     resolve_search,
-    run_search,
+    summarize,
+    table,
     trial_config,
 )
+from scaling_lab.search import run_search, widen_once
+from scaling_lab.studies import StudyLock, fail_stale_running, make_storage, retry_failed_once
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,10 +62,10 @@ def test_published_allocations_and_budget_plan():
     small, big = plan_budget(scfg, 1e11), plan_budget(scfg, 1e12)
     for p in (small, big):
         assert p.lo <= min(p.kaplan_rung, p.chinchilla_rung) and max(p.kaplan_rung, p.chinchilla_rung) <= p.hi
-        m = model_at(p.chinchilla_rung, scfg.vocab_size, scfg.block_size)
+        m = model_at(p.chinchilla_rung, scfg.data.vocab_size, scfg.block_size)
         n_total = counting.n_params_total(m.n_layer, m.n_embd, m.n_vocab, m.block_size)
         for other in (p.chinchilla_rung - 1, p.chinchilla_rung + 1):  # log-nearest size of the family
-            o = model_at(other, scfg.vocab_size, scfg.block_size)
+            o = model_at(other, scfg.data.vocab_size, scfg.block_size)
             o_total = counting.n_params_total(o.n_layer, o.n_embd, o.n_vocab, o.block_size)
             assert abs(math.log(n_total / p.chinchilla_n)) <= abs(math.log(o_total / p.chinchilla_n))
     assert big.chinchilla_rung > small.chinchilla_rung  # the optimum grows with compute
@@ -224,7 +226,6 @@ def test_rerun_fails_only_trials_of_dead_processes_on_this_machine(tmp_path):
     import socket
     import warnings
 
-    from scaling_lab.search import fail_stale_running, make_storage
 
     gone = subprocess.Popen(["true"])
     gone.wait()  # a pid that no longer runs
@@ -245,7 +246,6 @@ def test_rerun_fails_only_trials_of_dead_processes_on_this_machine(tmp_path):
 
 
 def test_a_grid_trial_that_raised_is_queued_once_more(tmp_path):
-    from scaling_lab.search import StudyLock, make_storage, retry_failed_once
 
     url = f"sqlite:///{tmp_path / 'o.db'}"
     study = optuna.create_study(study_name="retry", storage=make_storage(url))
@@ -329,14 +329,13 @@ def test_edge_detection_widens_by_one_size_then_says_so():
     from optuna.distributions import IntDistribution
     from optuna.trial import TrialState, create_trial
 
-    from scaling_lab.search import summarize, table, widen_once
 
     scfg = resolve_search({"mode": "quick", "budgets": "1e11"})
     plan = plan_budget(scfg, 1e11)
     study = optuna.create_study(direction="minimize")  # in-memory storage: real Optuna, no training
     dist = {"rung": IntDistribution(plan.lo, plan.hi)}
     for rung in range(plan.lo, plan.hi + 1):  # loss falls with size: the best is the largest searched
-        m = model_at(rung, scfg.vocab_size, scfg.block_size)
+        m = model_at(rung, scfg.data.vocab_size, scfg.block_size)
         attrs = {"allocation": "search", "n_embd": m.n_embd, "n_params": 1, "tokens_trained": 10,
                  "n_params_total": counting.n_params_total(m.n_layer, m.n_embd, m.n_vocab, m.block_size)}
         study.add_trial(create_trial(state=TrialState.COMPLETE, value=5.0 - rung, params={"rung": rung},
@@ -351,7 +350,7 @@ def test_edge_detection_widens_by_one_size_then_says_so():
     assert widen_once(study, other, res) and other.hi == hi + 1
     assert len(study.get_trials(states=(TrialState.WAITING,))) == 1
     for rung in range(hi + 1, plan.cap + 1):  # the larger sizes ran, still better: the best is now the cap
-        m = model_at(rung, scfg.vocab_size, scfg.block_size)
+        m = model_at(rung, scfg.data.vocab_size, scfg.block_size)
         attrs = {"allocation": "search", "n_embd": m.n_embd, "n_params": 1, "tokens_trained": 10,
                  "n_params_total": counting.n_params_total(m.n_layer, m.n_embd, m.n_vocab, m.block_size)}
         study.add_trial(create_trial(state=TrialState.COMPLETE, value=5.0 - rung, params={"rung": rung},

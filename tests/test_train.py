@@ -6,8 +6,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from scaling_lab import config, tracking
+from scaling_lab.counting import make_plan
 from scaling_lab.errors import NonFiniteLoss
-from scaling_lab.train import MemoryLogger, lr_at, make_plan, train
+from scaling_lab.train import MemoryLogger, lr_at, train
 
 
 def test_lr_schedule_warmup_then_cosine_to_ten_percent():

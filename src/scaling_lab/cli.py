@@ -1,17 +1,37 @@
-"""Command-line plumbing shared by the entry scripts: flags named exactly like the config fields."""
+"""Every entry point's ``main``: argv -> config -> library call -> exit code. Flags are named exactly like the
+config fields (``--name value`` or ``--name=value``); MLproject's ``mlproject/*.py`` and ``analysis/*.py`` call
+these. No other library module parses argv.
+
+Exit codes: 0 done; 2 a user mistake (one line naming the parameter, no traceback, the launched run FAILED);
+1 training or workers failed; 75 metrics kept in the checkpoint (store away); 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
-from scaling_lab import config
+from scaling_lab import analyze, config, data, doctor, estimate, isoflop, laws, report, search, tracking
+from scaling_lab.counting import make_plan
+from scaling_lab.errors import (
+    ConfigError,
+    DataUnavailable,
+    Interrupted,
+    NonFiniteLoss,
+    TrackingUnavailable,
+    WorkersDied,
+)
+from scaling_lab.runtime import dist_setup, dist_teardown, pick_device
+from scaling_lab.train import NullLogger, resume_config, train
+
+USER_ERRORS = (ConfigError, DataUnavailable)
 
 
 def parser_for(names: list[str], description: str) -> argparse.ArgumentParser:
-    """One ``--name`` flag per field name (for --help); values stay strings (config.parse_value types them)."""
+    """One ``--name`` flag per field name (for --help); values stay strings (config.parse_fields types them)."""
     p = argparse.ArgumentParser(description=description, allow_abbrev=False)
     for name in names:
         p.add_argument(f"--{name}", default=None, metavar=name.upper())
@@ -29,7 +49,7 @@ def parse(argv: list[str], names: list[str], description: str) -> dict[str, Any]
     while i < len(argv):
         tok = argv[i]
         if not tok.startswith("--"):
-            raise config.ConfigError("arguments", tok, "--name value pairs with names from " + ", ".join(names))
+            raise ConfigError("arguments", tok, "--name value pairs with names from " + ", ".join(names))
         if "=" in tok:
             name, value = tok[2:].split("=", 1)
             i += 1
@@ -37,9 +57,9 @@ def parse(argv: list[str], names: list[str], description: str) -> dict[str, Any]
             name, value = tok[2:], argv[i + 1] if i + 1 < len(argv) else None
             i += 2
         if name not in names:
-            raise config.ConfigError(name, value, "one of " + ", ".join(names))
+            raise ConfigError(name, value, "one of " + ", ".join(names))
         if value is None:
-            raise config.ConfigError(name, value, "a value after --" + name)
+            raise ConfigError(name, value, "a value after --" + name)
         out[name] = value
     return out
 
@@ -48,53 +68,75 @@ def error(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
 
 
+def refuse(exc: BaseException, launched: str | None, code: int = 2) -> int:
+    """The one way an entry point gives up: one line on stderr, the run ``mlflow run`` made ended FAILED with
+    the reason, the exit code returned."""
+    error(str(exc))
+    if launched:
+        tracking.fail_run(launched, str(exc))
+    return code
+
+
+def guarded(launched: str | None, work: Callable[[], Any]) -> tuple[Any, int | None]:
+    """Run ``work``; a user mistake becomes (None, 2) after ``refuse``; else (its result, None)."""
+    try:
+        return work(), None
+    except USER_ERRORS as exc:
+        return None, refuse(exc, launched)
+
+
+# --------------------------------------------------------------------------- main: train one configuration
+
+
 def run_name(cfg: config.RunConfig) -> str:
     m, t = cfg.model, cfg.train
     budget = f"C{t.flops:.0e}" if t.flops else f"D{t.tokens:.0e}"
     return cfg.run_name or f"{cfg.mode}-L{m.n_layer}-d{m.n_embd}-V{cfg.data.vocab_size}-{budget}".replace("+", "")
 
 
+def _train_config(argv: list[str]) -> config.RunConfig:
+    """Flags -> a validated RunConfig whose budget, device and data are checked before any run exists."""
+    args = parse(argv, config.field_names(), "Train one GPT configuration, every step logged to MLflow.")
+    if args.get("resume"):
+        cfg = resume_config(args["resume"], args.get("checkpoint_dir") or config.TrainConfig.checkpoint_dir)
+        cfg.dry_run = config.parse_value("dry_run", args.get("dry_run") or "false")  # not stored in checkpoints
+    else:
+        cfg = config.resolve(args)
+    make_plan(cfg)  # a budget below one optimizer step fails here, before any run exists
+    pick_device(cfg.train.device)
+    data.validate_source(cfg.data)
+    return cfg
+
+
+def dry_run_train(cfg: config.RunConfig, launched: str | None) -> int:
+    """``dry_run=true``: print the plan and its estimated cost; train nothing, leave no MLflow run (the run
+    ``mlflow run`` made is ended and deleted; ``mlflow gc`` removes deleted runs for good)."""
+    if launched:
+        tracking.end_stray_run(launched, "dry run: nothing trained")
+    print(estimate.format_plan(cfg, estimate.estimate_run(cfg)))
+    if not data.is_local(cfg.data.dataset) and not data.hub_reachable():
+        print(f"  warning     dataset '{cfg.data.dataset}' needs the Hugging Face hub, which cannot be reached: "
+              f"{data.OFFLINE_HINT} (check everything with the doctor entry point)")
+    return 0
+
+
 def main_train(argv: list[str]) -> int:
     """The ``main`` entry point: resolve the config, train one run, print the summary line."""
-    from scaling_lab import tracking
-    from scaling_lab.data import DataUnavailable, validate_source
-    from scaling_lab.errors import Interrupted, NonFiniteLoss, TrackingUnavailable
-    from scaling_lab.train import NullLogger, dist_setup, dist_teardown, make_plan, pick_device, resume_config, train
-
-    launched = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run` created and logged params into
-    try:
-        args = parse(argv, config.field_names(), "Train one GPT configuration, every step logged to MLflow.")
-        if args.get("resume"):
-            ckdir = args.get("checkpoint_dir") or config.TrainConfig.checkpoint_dir
-            cfg = resume_config(args["resume"], ckdir)
-            cfg.dry_run = config.parse_value("dry_run", args.get("dry_run") or "false")  # not stored in checkpoints
-        else:
-            cfg = config.resolve(args)
-        make_plan(cfg)  # a budget below one optimizer step fails here, before any run exists
-        pick_device(cfg.train.device)
-        validate_source(cfg.data)
-    except config.ConfigError as exc:
-        error(str(exc))
-        if launched:
-            tracking.fail_run(launched, str(exc))
-        return 2
-    from scaling_lab import estimate
-
-    if cfg.dry_run:  # plan and estimated cost only: no training, no MLflow run left
-        return estimate.dry_run(cfg, launched)
+    launched = tracking.launched_run_id()  # the run `mlflow run` created and logged params into
+    cfg, code = guarded(launched, lambda: _train_config(argv))
+    if code is not None:
+        return code
+    if cfg.dry_run:
+        return dry_run_train(cfg, launched)
     rank, world = dist_setup(cfg.train.device)  # torchrun: one process per rank; only rank 0 talks to MLflow
     # calibrated throughput (cached per device+shape) -> predicted wall time; single-process runs only
     est = estimate.estimate_or_none(cfg) if world == 1 else None
-
-    run_id = None
-    if cfg.train.resume:
-        run_id = cfg.train.resume
-        if launched and launched != run_id:
-            tracking.end_stray_run(launched, f"resume of {run_id}: training continued in that run")
+    run_id = cfg.train.resume or launched
+    if cfg.train.resume and launched and launched != cfg.train.resume:
+        tracking.end_stray_run(launched, f"resume of {cfg.train.resume}: training continued in that run")
     try:
         if rank > 0:  # the other ranks train their share and log nothing
-            log = NullLogger(run_id=f"rank{rank}")
-            train(cfg, log, progress=False)
+            train(cfg, NullLogger(run_id=f"rank{rank}"), progress=False)
             return 0
         with tracking.run(cfg.experiment, run_name(cfg), run_id=run_id, tags={"scaling_lab.kind": "train"}) as log:
             if world > 1:
@@ -103,9 +145,9 @@ def main_train(argv: list[str]) -> int:
             if est is not None:
                 log.log_metrics({"estimate_error": estimate.estimate_error(est.total_s, result.wall_s),
                                  "estimate_s": est.total_s}, step=result.steps)
-    except (config.ConfigError, DataUnavailable, NonFiniteLoss) as exc:
+    except (*USER_ERRORS, NonFiniteLoss) as exc:
         error(str(exc))
-        return 2 if isinstance(exc, (config.ConfigError, DataUnavailable)) else 1
+        return 2 if isinstance(exc, USER_ERRORS) else 1
     except Interrupted as exc:
         error(f"interrupted: {exc}; continue with resume={log.run_id}")
         return 130
@@ -116,11 +158,125 @@ def main_train(argv: list[str]) -> int:
     finally:
         dist_teardown()
     overhead = 100 * result.log_seconds / result.wall_s if result.wall_s else 0.0
-    print(
-        f"run {result.run_id} FINISHED: val/loss {result.val_loss:.4f} ({result.val_bpb:.4f} bits/byte) after "
-        f"{result.steps} steps, {result.tokens_trained:,} tokens in {result.wall_s:.1f} s "
-        f"({result.tokens_per_s:,.0f} tokens/s, metric logging {overhead:.2f}% of wall time). "
-        f"{estimate.summary(est, result.wall_s)}"
-        f"Open the UI: mlflow ui --backend-store-uri {tracking.tracking_uri()}"
-    )
+    print(f"run {result.run_id} FINISHED: val/loss {result.val_loss:.4f} ({result.val_bpb:.4f} bits/byte) after "
+          f"{result.steps} steps, {result.tokens_trained:,} tokens in {result.wall_s:.1f} s "
+          f"({result.tokens_per_s:,.0f} tokens/s, metric logging {overhead:.2f}% of wall time). "
+          f"{estimate.summary(est, result.wall_s)}"
+          f"Open the UI: mlflow ui --backend-store-uri {tracking.tracking_uri()}")
     return 0
+
+
+# --------------------------------------------------------------------------- search
+
+
+def _search_config(argv: list[str]) -> isoflop.SearchConfig:
+    args = parse(argv, isoflop.SEARCH_FIELDS, "Optuna isoFLOP studies, one per budget: Kaplan against Chinchilla.")
+    scfg = isoflop.resolve_search(args)
+    for c in scfg.budget_list():
+        isoflop.plan_budget(scfg, c)
+    data.validate_source(scfg.data)
+    return scfg
+
+
+def main_search(argv: list[str]) -> int:
+    """The ``search`` entry point: parse flags named like SearchConfig fields, run, print the table."""
+    launched = tracking.launched_run_id()  # the run `mlflow run` made: it records this invocation
+    scfg, code = guarded(launched, lambda: _search_config(argv))
+    if code is not None:
+        return code
+    if scfg.dry_run:
+        if launched:
+            tracking.end_stray_run(launched, "dry run: nothing trained")
+        print(search.format_search_plan(scfg, search.plan_search(scfg)))
+        return 0
+    try:
+        results = search.run_search(scfg)
+    except USER_ERRORS as exc:
+        return refuse(exc, launched)
+    except WorkersDied as exc:
+        return refuse(exc, launched, 1)
+    except KeyboardInterrupt:
+        return refuse(KeyboardInterrupt("interrupted; re-run the same command to continue the studies"), launched,
+                      130)
+    if launched:
+        tracking.finish_invocation_run(launched, isoflop.table(results, scfg.flops_rule),
+                                       {r.study_name: r.parent_run_id for r in results})
+    return 0
+
+
+# --------------------------------------------------------------------------- analyze
+
+
+def _print_analysis(results: dict[str, Any], cfg: analyze.AnalyzeConfig) -> None:
+    for conv, vs in results["verdict"].items():
+        for name, v in vs.items():
+            if v.get("a") is not None:
+                print(laws.verdict_sentence(f"{conv} / {name}", v))
+    ov = results.get("overlay")
+    if ov:
+        m = ov["measured"]["approach3"]
+        print(f"quick vs real ({ov['label']}): predicted a = {ov['a_predicted']:.3f}, measured approach3 a = "
+              f"{m['a']:.3f} {report.ci_txt(m['ci95'], '.3f')}; measured / predicted N_opt by budget: "
+              + ", ".join(f"{x['budget']:.2g}: {x['ratio']:.2f}" for x in ov["by_budget"]))
+    ce = results["curve_extrapolation"]
+    if ce.get("runs"):
+        print(f"learning-curve extrapolation ({ce['runs']} runs, first {100 * cfg.curve_frac:.0f}%): median |error| "
+              f"{100 * ce['median_abs_rel_err']:.2f}%, max {100 * ce['max_abs_rel_err']:.2f}%")
+
+
+def main_analyze(argv: list[str]) -> int:
+    """The ``analyze`` entry point: fit, print the verdict, write the report and log it to MLflow."""
+    launched = tracking.launched_run_id()
+    t0 = time.perf_counter()
+
+    def fit() -> tuple:
+        cfg = analyze.parse_config(parse(argv, analyze.field_names(), "Fit scaling laws to stored runs, a CSV or a "
+                                                                      "simulation; write a report and log it to MLflow."))
+        study = analyze.load(cfg)
+        return cfg, study, *analyze.analyze_study(study, cfg)
+
+    out, code = guarded(launched, fit)
+    if code is not None:
+        return code
+    cfg, study, results, objects = out
+    folder = report.write_report(results, objects, study, cfg.out)
+    _print_analysis(results, cfg)
+    run_id = ""
+    if cfg.log:
+        experiment = next((e.strip() for e in cfg.experiment.split(",") if e.strip() not in ("", "*")), "scaling-lab")
+        tags = {"scaling_lab.kind": "analyze", "source": cfg.source}
+        with tracking.run(experiment, f"analyze-{cfg.source}", run_id=launched, tags=tags,
+                          system_metrics=False) as log:
+            log.log_params({**results["config"], "runs": sum(r["runs"] for r in results["conventions"].values()),
+                            **({"csv_sha256": study.provenance["sha256"]} if "sha256" in study.provenance else {})})
+            log.log_metrics(report.metrics_of(results), step=0)
+            log.flush()
+            tracking.log_report(log.run_id, folder)
+            run_id = log.run_id
+    print(f"report: {folder / 'report.html'} (fits.json, report.md, figures) in {time.perf_counter() - t0:.1f} s"
+          + (f"; logged to MLflow run {run_id}" if run_id else ""))
+    return 0
+
+
+# --------------------------------------------------------------------------- doctor
+
+
+def main_doctor(argv: list[str]) -> int:
+    """The ``doctor`` entry point. Exit 0 when ready, 1 when a check the mode needs fails, 2 on bad flags."""
+    launched = tracking.launched_run_id()  # `mlflow run -e doctor` made a run: it records this check
+    try:
+        args = parse(argv, doctor.DOCTOR_FIELDS, "Check device, memory, stores, tokenizer and data for a mode.")
+    except ConfigError as exc:
+        error(str(exc))
+        return 2
+    args = {k: v for k, v in args.items() if not config.is_unset(v)}
+    checks = doctor.run_checks(dict(args))
+    text = doctor.report(checks, args.get("mode", "quick"))
+    print(text)
+    failed = any(c.status == "FAIL" for c in checks)
+    if launched and failed:  # FAILED with the problems when not ready
+        problems = [ln for ln in text.splitlines() if ln.startswith("doctor:")]
+        tracking.fail_run(launched, problems[-1] if problems else "doctor found problems")
+    elif launched:  # a check trains nothing and should not sit among the experiment's runs
+        tracking.end_stray_run(launched, "doctor: environment check, nothing trained")
+    return 1 if failed else 0

@@ -1,15 +1,20 @@
-"""Configuration: one dataclass per concern, the modes table, and validation.
+"""Configuration: one dataclass per concern, the modes table, validation, and THE field parser.
 
 Every field name is also the MLproject parameter, the CLI flag and the MLflow param key
-(``resolved.<field>`` for the value actually used; see README "Parameters").
+(``resolved.<field>`` for the value actually used; see README "Parameters"). Every entry point turns its
+strings into typed values with ``parse_fields``: a value is unset only when absent, None or '' (never 0, so
+``--seed 0`` or ``--grad_clip 0`` mean zero).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from scaling_lab.errors import ConfigError
 
 GPT2_RANKS = 50256  # BPE ranks in GPT-2's vocabulary; the end-of-text token is id 50256
 GPT2_VOCAB = GPT2_RANKS + 1  # 50,257 ids in GPT-2 (Radford et al. 2019)
@@ -23,34 +28,26 @@ NAMED_DATASETS = ("wikitext-2", "wikitext-103", "openwebtext")
 TOKENIZERS = ("gpt2",)
 
 
-class ConfigError(ValueError):
-    """Bad input: the message names the parameter and what is allowed."""
-
-    def __init__(self, param: str, value: Any, allowed: str):
-        self.param = param
-        super().__init__(f"parameter '{param}': got {value!r}; allowed: {allowed}")
-
-
 def n_vocab_for(vocab_size: int) -> int:
     """Embedding rows for a truncated GPT-2 vocabulary: the kept BPE ranks plus end-of-text."""
     return min(vocab_size, GPT2_RANKS) + 1
 
 
-def _positive_int(name: str, value: Any, allow_zero: bool = False) -> None:
+def positive_int(name: str, value: Any, allow_zero: bool = False) -> None:
     ok = isinstance(value, int) and not isinstance(value, bool)
     ok = ok and (value >= 0 if allow_zero else value > 0)
     if not ok:
         raise ConfigError(name, value, "a non-negative integer" if allow_zero else "a positive integer")
 
 
-def _positive_float(name: str, value: Any, allow_zero: bool = False) -> None:
+def positive_float(name: str, value: Any, allow_zero: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value >= 0 if allow_zero else value > 0)
     if not ok:
         raise ConfigError(name, value, "a non-negative finite number" if allow_zero else "a positive finite number")
 
 
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+def choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(name, value, "one of " + ", ".join(allowed))
 
@@ -72,7 +69,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "n_embd", "block_size", "n_vocab"):
-            _positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         if self.n_embd % self.n_head:
             raise ConfigError("n_embd", self.n_embd, f"a multiple of n_head={self.n_head}")
 
@@ -97,7 +94,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ConfigError("dataset", self.dataset, "one of " + ", ".join(NAMED_DATASETS) + ", or a local path")
-        _choice("tokenizer", self.tokenizer, TOKENIZERS)
+        choice("tokenizer", self.tokenizer, TOKENIZERS)
         if (
             not isinstance(self.vocab_size, int)
             or isinstance(self.vocab_size, bool)
@@ -159,20 +156,18 @@ class TrainConfig:
     """Run id to continue from its last checkpoint."""
 
     def __post_init__(self) -> None:
-        _positive_int("tokens", self.tokens, allow_zero=True)
-        _positive_float("flops", self.flops, allow_zero=True)
-        if (self.tokens > 0) == (self.flops > 0):
-            raise ConfigError("tokens/flops", (self.tokens, self.flops), "exactly one of tokens (D) or flops (C) > 0")
-        _choice("flops_rule", self.flops_rule, FLOPS_RULES)
+        positive_int("tokens", self.tokens, allow_zero=True)
+        positive_float("flops", self.flops, allow_zero=True)
+        choice("flops_rule", self.flops_rule, FLOPS_RULES)
         for name in ("batch_size", "eval_tokens"):
-            _positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         for name in ("micro_batch", "eval_every", "checkpoint_every", "seed"):
-            _positive_int(name, getattr(self, name), allow_zero=True)
+            positive_int(name, getattr(self, name), allow_zero=True)
         if self.micro_batch and self.batch_size % self.micro_batch:
             raise ConfigError("micro_batch", self.micro_batch, f"a divisor of batch_size={self.batch_size}")
-        _positive_float("lr", self.lr)
+        positive_float("lr", self.lr)
         for name in ("weight_decay", "grad_clip"):
-            _positive_float(name, getattr(self, name), allow_zero=True)
+            positive_float(name, getattr(self, name), allow_zero=True)
         for name in ("min_lr_ratio", "warmup_frac", "beta1", "beta2"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 <= v < 1 + (name == "min_lr_ratio"):
@@ -180,8 +175,8 @@ class TrainConfig:
         dev = self.device
         if not (dev in DEVICES or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ConfigError("device", dev, "auto, cpu, cuda, cuda:N, mps")
-        _choice("dtype", self.dtype, DTYPES)
-        _choice("compile", self.compile, COMPILE_CHOICES)
+        choice("dtype", self.dtype, DTYPES)
+        choice("compile", self.compile, COMPILE_CHOICES)
 
 
 @dataclass
@@ -196,22 +191,51 @@ class RunConfig:
     """MLflow run name ('' = generated from shape and budget)."""
     dry_run: bool = False
     """Print the plan and estimated cost, then exit: no training, no MLflow run (see docs/estimate-and-doctor.md)."""
-    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    """Text, tokenizer and vocabulary (built first: a bad vocab_size is named before the n_vocab it implies)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Shape of the GPT."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(tokens=1))
+    """Budget, optimizer, schedule, device, checkpoints."""
 
     def __post_init__(self) -> None:
-        _choice("mode", self.mode, tuple(MODES))
+        choice("mode", self.mode, tuple(MODES))
+        t = self.train
+        if (t.tokens > 0) == (t.flops > 0):  # a run needs one budget; TrainConfig alone may have none (a search's)
+            raise ConfigError("tokens/flops", (t.tokens, t.flops), "exactly one of tokens (D) or flops (C) > 0")
         if self.model.n_vocab != n_vocab_for(self.data.vocab_size):
             raise ConfigError("n_vocab", self.model.n_vocab, f"{n_vocab_for(self.data.vocab_size)} for vocab_size")
 
     def flat(self) -> dict[str, Any]:
         """All fields as one flat dict keyed by field name (the MLflow param keys)."""
-        out: dict[str, Any] = {"mode": self.mode, "experiment": self.experiment, "run_name": self.run_name,
-                               "dry_run": self.dry_run}
-        for part in (self.model, self.data, self.train):
-            out.update(dataclasses.asdict(part))
-        return out
+        return flat(self)
+
+
+def flat(obj: Any) -> dict[str, Any]:
+    """A config dataclass as one flat dict keyed by field name, the fields of its parts flattened in."""
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(flat(v))
+        else:
+            out[f.name] = v
+    return out
+
+
+def build(cls: type, values: dict[str, Any]) -> Any:
+    """A config dataclass from flat ``values``: each part (a dataclass-typed field) gets the values named like
+    its fields; fields left out keep their defaults."""
+    kw: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        part = hints[f.name]
+        if dataclasses.is_dataclass(part):
+            names = {g.name for g in fields(part)}
+            kw[f.name] = part(**{k: v for k, v in values.items() if k in names})
+        elif f.name in values:
+            kw[f.name] = values[f.name]
+    return cls(**kw)
 
 
 # Modes: presets of the fields above. Sizes and expected times are in README's modes table.
@@ -240,35 +264,53 @@ TOP_FIELDS = ("mode", "experiment", "run_name", "dry_run")
 
 
 def field_names() -> list[str]:
-    """Every user-facing field name (the one-name-per-idea list), n_vocab excluded (derived)."""
+    """Every user-facing field name of a training run (the one-name-per-idea list), n_vocab excluded (derived)."""
     names = list(TOP_FIELDS)
     for cls in _PARTS.values():
         names += [f.name for f in fields(cls) if f.name != "n_vocab"]
     return names
 
 
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def types_of(cls: type) -> dict[str, type]:
+    """{field name: python type} of a dataclass, the fields of its dataclass-typed parts flattened in."""
+    out: dict[str, type] = {}
+    for name, t in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(t):  # a part (ModelConfig, DataConfig, TrainConfig): its fields are flags too
+            out.update(types_of(t))
+        else:
+            out[name] = t
+    return out
+
+
 def field_types() -> dict[str, type]:
-    """Python type of every user-facing field, for parsing CLI strings."""
-    types: dict[str, type] = {name: str for name in TOP_FIELDS} | {"dry_run": bool}
+    """Python type of every user-facing field of a training run, for parsing CLI strings."""
+    types = {name: str for name in TOP_FIELDS} | {"dry_run": bool}
     for cls in _PARTS.values():
-        hints = {f.name: f.type for f in fields(cls)}
-        for name, t in hints.items():
-            types[name] = {"int": int, "float": float, "str": str, "bool": bool}[t if isinstance(t, str) else t.__name__]
+        types.update(types_of(cls))
     types.pop("n_vocab", None)
     return types
 
 
-def parse_value(name: str, raw: Any) -> Any:
-    """Turn a CLI/MLproject string into the field's type, or raise ConfigError naming the field."""
-    t = field_types()[name]
+def is_unset(value: Any) -> bool:
+    """A parameter the user left to the mode: absent (None) or '' (MLproject's default). 0 is a value."""
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def parse_value(name: str, raw: Any, t: type | None = None) -> Any:
+    """Turn a CLI/MLproject string into type ``t`` (default: the training field's type), or raise ConfigError
+    naming the field and what is allowed."""
+    t = t or field_types()[name]
     if not isinstance(raw, str):
         return raw
     s = raw.strip()
     try:
         if t is bool:
-            if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            if s.lower() not in _TRUE + _FALSE:
                 raise ValueError
-            return s.lower() in ("true", "1", "yes")
+            return s.lower() in _TRUE
         if t is int:
             v = float(s)  # accept 2e6
             if not v.is_integer():
@@ -277,28 +319,28 @@ def parse_value(name: str, raw: Any) -> Any:
         if t is float:
             return float(s)
     except ValueError:
-        allowed = {bool: "true or false", int: "an integer", float: "a number"}[t]
+        allowed = {bool: "true or false (also 1/0, yes/no)", int: "an integer", float: "a number"}[t]
         raise ConfigError(name, raw, allowed) from None
     return s
 
 
-def is_unset(value: Any) -> bool:
-    """MLproject passes '' or 0 for a parameter the user left to the mode."""
-    return value is None or (isinstance(value, str) and value.strip() in ("", "0")) or value == 0
+def parse_fields(raw: dict[str, Any], types: dict[str, type]) -> dict[str, Any]:
+    """The one parser of every entry point: {name: string} -> {name: typed value}, unset values dropped, an
+    unknown name a ConfigError listing the known ones."""
+    unknown = sorted(set(raw) - set(types))
+    if unknown:
+        raise ConfigError(unknown[0], raw[unknown[0]], "one of " + ", ".join(types))
+    return {k: parse_value(k, v, types[k]) for k, v in raw.items() if not is_unset(v)}
 
 
 def resolve(overrides: dict[str, Any] | None = None) -> RunConfig:
     """Build a validated RunConfig: dataclass defaults < mode preset < explicit overrides.
 
-    ``overrides`` maps field names to values or strings; unset values ('' / 0 / None) are ignored.
+    ``overrides`` maps field names to values or strings; unset values ('' / None) are ignored.
     """
-    raw = dict(overrides or {})
-    unknown = sorted(set(raw) - set(field_names()))
-    if unknown:
-        raise ConfigError(unknown[0], raw[unknown[0]], "one of " + ", ".join(field_names()))
-    given = {k: parse_value(k, v) for k, v in raw.items() if not is_unset(v)}
+    given = parse_fields(dict(overrides or {}), field_types())
     mode = given.get("mode", "quick")
-    _choice("mode", mode, tuple(MODES))
+    choice("mode", mode, tuple(MODES))
     values: dict[str, Any] = dict(MODES[mode])
     if "tokens" in given and "flops" in given:
         raise ConfigError("tokens/flops", (given["tokens"], given["flops"]), "only one of tokens (D) or flops (C)")
@@ -308,18 +350,9 @@ def resolve(overrides: dict[str, Any] | None = None) -> RunConfig:
     vocab = values.get("vocab_size", DataConfig.vocab_size)
     if isinstance(vocab, int) and not isinstance(vocab, bool):
         values["n_vocab"] = n_vocab_for(vocab) if MIN_VOCAB <= vocab <= GPT2_VOCAB else vocab
-    parts = {}
-    for part, cls in _PARTS.items():
-        names = {f.name for f in fields(cls)}
-        parts[part] = cls(**{k: v for k, v in values.items() if k in names})
-    top = {k: values[k] for k in TOP_FIELDS if k in values}
-    return RunConfig(**top, **parts)
+    return build(RunConfig, values)
 
 
-def from_flat(flat: dict[str, Any]) -> RunConfig:
-    """Rebuild a RunConfig from ``RunConfig.flat()`` (checkpoints store this)."""
-    parts = {}
-    for part, cls in _PARTS.items():
-        names = {f.name for f in fields(cls)}
-        parts[part] = cls(**{k: v for k, v in flat.items() if k in names})
-    return RunConfig(**{k: flat[k] for k in TOP_FIELDS if k in flat}, **parts)  # older checkpoints: no dry_run
+def from_flat(values: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from ``RunConfig.flat()`` (checkpoints store this; older ones have no dry_run)."""
+    return build(RunConfig, values)

@@ -1,4 +1,5 @@
-"""Parameter and FLOP counts: small pure functions, each citing its source.
+"""Parameter and FLOP counts, the run plan and the published compute-optimal allocations: small pure functions,
+each citing its source.
 
 Shapes follow ``scaling_lab.model.GPT``: pre-LN blocks with biases, learned positions, MLP width 4d,
 output head tied to the token embedding. Tests check every count against the real module.
@@ -7,8 +8,17 @@ output head tied to the token embedding. Tests check every count against the rea
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
-from scaling_lab.config import FLOPS_RULES, ModelConfig
+from scaling_lab.config import FLOPS_RULES, ModelConfig, RunConfig
+from scaling_lab.errors import ConfigError
+
+PF_DAY = 1e15 * 86_400  # FLOPs in one petaflop/s-day (Kaplan et al. 2020, Sec. 1.3)
+KAPLAN_N_COEF = 1.3e9  # Kaplan et al. 2020, Eq. 6.1: N_opt = 1.3e9 * (C_min / PF-day)^0.73, N non-embedding
+KAPLAN_N_EXP = 0.73
+CHINCHILLA_TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022: a = b = 0.50 (Table 3, Approaches 1-2); Chinchilla
+# itself is 70B parameters on 1.4T tokens (Sec. 4), 20 tokens per parameter; N counts all parameters.
 
 
 def n_params_nonembed(n_layer: int, n_embd: int) -> int:
@@ -82,3 +92,60 @@ def counts(model: ModelConfig, tokens: int) -> dict[str, float]:
 def tokens_for_flops(model: ModelConfig, flops: float, rule: str) -> int:
     """D = C / flops_per_token(N) under ``rule`` (rounded down to whole tokens)."""
     return int(math.floor(flops / flops_per_token(model, rule)))
+
+
+# --------------------------------------------------------------------------- published allocations
+
+
+def kaplan_n(flops: float) -> float:
+    """Kaplan-optimal non-embedding parameters for C training FLOPs (Kaplan et al. 2020, Eq. 6.1)."""
+    return KAPLAN_N_COEF * (flops / PF_DAY) ** KAPLAN_N_EXP
+
+
+def chinchilla_n(flops: float) -> float:
+    """Chinchilla-optimal total parameters: C = 6 N D with D = 20 N, so N = sqrt(C / 120) (Hoffmann et al. 2022)."""
+    return math.sqrt(flops / (6.0 * CHINCHILLA_TOKENS_PER_PARAM))
+
+
+# --------------------------------------------------------------------------- the run plan
+
+
+@dataclass
+class Plan:
+    """What a configuration will do, computed without training (also used by dry runs)."""
+
+    steps: int
+    """Optimizer steps."""
+    tokens_per_step: int
+    """batch_size x block_size."""
+    tokens_trained: int
+    """D: steps x tokens_per_step."""
+    counts: dict[str, float]
+    """N under each counting and C under each rule (``counts``)."""
+    eval_steps: list[int]
+    """Steps after which val/loss is scored."""
+    checkpoint_every: int
+    """Steps between checkpoints (0 = at every evaluation)."""
+
+    def params(self) -> dict[str, Any]:
+        return {"steps": self.steps, "tokens_per_step": self.tokens_per_step,
+                "tokens_trained": self.tokens_trained, **self.counts}
+
+
+def make_plan(cfg: RunConfig) -> Plan:
+    """Steps, tokens and FLOPs of ``cfg``: D from tokens, or from flops under flops_rule."""
+    t, m = cfg.train, cfg.model
+    tokens = t.tokens if t.tokens else tokens_for_flops(m, t.flops, t.flops_rule)
+    tokens_per_step = t.batch_size * m.block_size
+    steps = tokens // tokens_per_step
+    if steps < 1:
+        what = "flops" if t.flops else "tokens"
+        need = tokens_per_step if not t.flops else tokens_per_step * flops_per_token(m, t.flops_rule)
+        raise ConfigError(what, t.flops or t.tokens, f"at least one optimizer step: >= {need:.4g} "
+                          f"(batch_size {t.batch_size} x block_size {m.block_size} tokens)")
+    trained = steps * tokens_per_step
+    every = t.eval_every or max(1, math.ceil(steps / 10))
+    evals = sorted({min(steps, s) for s in range(every, steps + every, every)} | {steps})
+    if not t.eval_every:  # evaluate at the same fractions of the budget in every run: 10%, 20%, ... 100%
+        evals = sorted({max(1, round(steps * k / 10)) for k in range(1, 11)})
+    return Plan(steps, tokens_per_step, trained, counts(m, trained), evals, t.checkpoint_every)

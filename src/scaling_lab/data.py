@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scaling_lab.config import GPT2_RANKS, NAMED_DATASETS, ConfigError, DataConfig
+from scaling_lab.config import GPT2_RANKS, NAMED_DATASETS, DataConfig
+from scaling_lab.errors import ConfigError, DataUnavailable
 
 HUB = {  # name -> (hub path, config name, streamed)
     "wikitext-2": ("Salesforce/wikitext", "wikitext-2-raw-v1", False),
@@ -38,10 +39,6 @@ OFFLINE_HINT = (
     "pass local files with dataset=/path/to/dir (train*/valid*/test* .txt/.raw, .parquet or .jsonl with a 'text' "
     "column; train_split=test trains on a test file) and set TIKTOKEN_CACHE_DIR to an offline tiktoken cache"
 )
-
-
-class DataUnavailable(RuntimeError):
-    """Data or tokenizer cannot be loaded; the message says how to supply it offline."""
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -155,14 +152,20 @@ def _documents_from_lines(lines: Iterator[str]) -> Iterator[str]:
         yield "\n".join(doc)
 
 
-def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
-        return False
+def reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds."""
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((host, port), timeout=timeout).close()
         return True
     except OSError:
         return False
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be reached (never with HF_HUB_OFFLINE set)."""
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
+        return False
+    return reachable(host, 443, timeout)
 
 
 @dataclass
@@ -202,7 +205,7 @@ def open_split(cfg: DataConfig, split: str, max_tokens: int | None = None) -> Te
         return TextSource(name, split, h.hexdigest()[:16], docs)
 
     path, conf, streamed = HUB[cfg.dataset]
-    if not _hub_reachable():
+    if not hub_reachable():
         raise DataUnavailable(f"dataset '{cfg.dataset}': the Hugging Face hub cannot be reached; {OFFLINE_HINT}")
     if streamed:  # openwebtext: stream only as many documents as the budget needs
         ds = datasets.load_dataset(path, split="train", streaming=True)

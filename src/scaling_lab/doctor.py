@@ -11,14 +11,22 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scaling_lab import config
+from scaling_lab import config, counting, data, estimate, tracking
+from scaling_lab.estimate import OPTIMIZER_BYTES_PER_PARAM, fmt_bytes
+from scaling_lab.runtime import (
+    activation_bytes_per_seq,
+    compile_used,
+    device_name,
+    pick_device,
+    pick_dtype,
+    pick_micro_batch,
+)
 
 DOCTOR_FIELDS = ["mode", "experiment", "dataset", "train_split", "val_split", "tokenizer", "vocab_size", "cache_dir",
                  "device", "dtype", "compile", "checkpoint_dir", "storage"]
@@ -41,22 +49,12 @@ class Check:
     fix: str = ""
 
 
-def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 # --------------------------------------------------------------------------- the checks
 
 
 def check_device(cfg: config.RunConfig) -> tuple[list[Check], Any]:
     import torch
 
-    from scaling_lab.estimate import device_name
-    from scaling_lab.train import pick_device
 
     cuda = torch.cuda.is_available()
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
@@ -74,7 +72,6 @@ def check_bf16(cfg: config.RunConfig, device) -> Check:
     """Run a tiny bf16 autocast matmul on the device; required when dtype resolves to bf16."""
     import torch
 
-    from scaling_lab.train import pick_dtype
 
     try:
         wanted = pick_dtype(cfg.train.dtype, device)
@@ -101,7 +98,6 @@ def check_compile(cfg: config.RunConfig, device) -> Check:
     """torch.compile needs a C compiler (CPU inductor) or triton (CUDA); exercised when the run compiles."""
     import torch
 
-    from scaling_lab.estimate import compile_used
 
     used = compile_used(cfg, device)
     if device.type == "cuda":
@@ -135,9 +131,6 @@ def check_memory(cfg: config.RunConfig, device) -> Check:
     import psutil
     import torch
 
-    from scaling_lab import counting
-    from scaling_lab.estimate import OPTIMIZER_BYTES_PER_PARAM, activation_bytes_per_seq, fmt_bytes
-    from scaling_lab.train import pick_micro_batch
 
     m = cfg.model
     micro = pick_micro_batch(cfg, device)
@@ -172,7 +165,6 @@ def check_folder(name: str, param: str, path: Path) -> Check:
 
 
 def check_tracking(experiment: str) -> Check:
-    from scaling_lab import tracking
 
     uri = tracking.tracking_uri()
     ok, detail = tracking.check_store(experiment)
@@ -196,7 +188,7 @@ def check_storage(url: str) -> Check:
     except Exception:
         return Check("optuna storage", "FAIL", f"storage={url!r} is not a database URL",
                      "pass storage=sqlite:///optuna.db or storage=postgresql://user:password@host:5432/db")
-    shown = parsed.render_as_string(hide_password=True)
+    shown = tracking.masked(url)
     if backend == "sqlite":
         path = Path(parsed.database or "")
         if not parsed.database or parsed.database == ":memory:":
@@ -247,12 +239,11 @@ def tiktoken_cache_dir() -> tuple[Path | None, str]:
 
 def check_tokenizer(cfg: config.RunConfig) -> Check:
     """Load the tokenizer for real; describe the offline state: cache folder, cached files, host reachable."""
-    from scaling_lab import data
 
     folder, source = tiktoken_cache_dir()
     cached = [n for n, url in TIKTOKEN_FILES.items()
               if folder is not None and (folder / hashlib.sha1(url.encode()).hexdigest()).exists()]
-    online = _reachable(TIKTOKEN_HOST)
+    online = data.reachable(TIKTOKEN_HOST)
     state = (f"cache {folder} [{source}] holds {len(cached)}/{len(TIKTOKEN_FILES)} gpt2 files"
              if folder else "cache disabled (TIKTOKEN_CACHE_DIR is empty)")
     state += f"; {TIKTOKEN_HOST} {'reachable' if online else 'unreachable (offline)'}"
@@ -271,7 +262,6 @@ def check_tokenizer(cfg: config.RunConfig) -> Check:
 
 
 def _hf_cache_has(name: str) -> bool:
-    from scaling_lab import data
 
     path, conf, _ = data.HUB[name]
     root = Path(os.environ.get("HF_DATASETS_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" /
@@ -282,11 +272,10 @@ def _hf_cache_has(name: str) -> bool:
 
 def check_datasets(cfg: config.RunConfig) -> list[Check]:
     """The chosen dataset is required; the other named datasets are listed as info."""
-    from scaling_lab import data
 
     out = []
     chosen = cfg.data.dataset
-    hub = data._hub_reachable()
+    hub = data.hub_reachable()
     hub_state = "Hugging Face hub reachable" if hub else "Hugging Face hub unreachable (offline or HF_HUB_OFFLINE=1)"
     if data.is_local(chosen):
         try:
@@ -316,7 +305,6 @@ def check_datasets(cfg: config.RunConfig) -> list[Check]:
 
 def check_throughput(cfg: config.RunConfig, device) -> Check:
     """A fresh calibration of the quick shape on the chosen device: tokens/s and the quick run's estimate."""
-    from scaling_lab import estimate
 
     quick = config.resolve({"mode": "quick", "device": cfg.train.device, "cache_dir": cfg.data.cache_dir,
                             "dataset": cfg.data.dataset if cfg.mode == "quick" else "",
@@ -346,7 +334,6 @@ def run_checks(args: dict[str, Any]) -> list[Check]:
     checks, device = check_device(cfg)
     if device is not None:
         checks += [check_bf16(cfg, device), check_compile(cfg, device), check_memory(cfg, device)]
-    from scaling_lab import data
 
     checks += [check_folder("token cache", "cache_dir", data.cache_root(cfg.data)),
                check_folder("checkpoints", "checkpoint_dir", Path(cfg.train.checkpoint_dir)),
@@ -367,35 +354,3 @@ def report(checks: list[Check], mode: str) -> str:
     lines.append(f"doctor: {len(failed)} problem(s) for mode {mode}: {', '.join(failed)}" if failed
                  else f"doctor: ready for mode {mode}")
     return "\n".join(lines)
-
-
-def main(argv: list[str]) -> int:
-    """The ``doctor`` entry point. Exit 0 when ready, 1 when a check the mode needs fails, 2 on bad flags."""
-    from scaling_lab import cli
-
-    launched = os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run -e doctor` made a run: it records this check
-    try:
-        args = cli.parse(argv, DOCTOR_FIELDS, "Check device, memory, stores, tokenizer and data for a mode.")
-    except config.ConfigError as exc:
-        cli.error(str(exc))
-        return 2
-    args = {k: v for k, v in args.items() if not config.is_unset(v)}
-    checks = run_checks(dict(args))
-    text = report(checks, args.get("mode", "quick"))
-    print(text)
-    failed = any(c.status == "FAIL" for c in checks)
-    if launched:
-        _close_launched(launched, text, failed)
-    return 1 if failed else 0
-
-
-def _close_launched(run_id: str, text: str, failed: bool) -> None:
-    """End the run ``mlflow run -e doctor`` created: FAILED with the problems when not ready, else deleted
-    (a check trains nothing and should not sit among the experiment's runs)."""
-    from scaling_lab import tracking
-
-    if failed:
-        problems = [ln for ln in text.splitlines() if ln.startswith("doctor:")]
-        tracking.fail_run(run_id, problems[-1] if problems else "doctor found problems")
-    else:
-        tracking.end_stray_run(run_id, "doctor: environment check, nothing trained")

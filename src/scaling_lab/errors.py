@@ -1,4 +1,24 @@
-"""Exceptions shared by the loop and the tracker (no torch, no mlflow)."""
+"""Every exception the library raises on purpose (no torch, no mlflow, no other scaling_lab import).
+
+User mistakes (``ConfigError`` and its kin, ``DataUnavailable``) reach the user as one line with exit code 2;
+the rest describe what happened to a run (see ``cli.py`` for the exit codes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """Bad input: the message names the parameter and what is allowed."""
+
+    def __init__(self, param: str, value: Any, allowed: str):
+        self.param = param
+        super().__init__(f"parameter '{param}': got {value!r}; allowed: {allowed}")
+
+
+class DataUnavailable(RuntimeError):
+    """The data or tokenizer cannot be obtained (offline, no cache): the message says how to fix it."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -15,3 +35,7 @@ class Interrupted(Exception):
 
 class TrackingUnavailable(RuntimeError):
     """The tracking store did not answer when metrics had to be written; they are kept in the checkpoint."""
+
+
+class WorkersDied(RuntimeError):
+    """Search worker processes died and left their study incomplete."""

@@ -4,7 +4,7 @@ A calibration runs a few real forward/backward/AdamW steps of the actual shape (
 cost does not depend on their values) on the chosen device, dtype and compile setting, and caches the
 timings per device + shape + dtype + compile in ``<cache dir>/calibration.json``. ``estimate_run``
 turns a RunConfig's plan into a time estimate from those timings; ``format_plan`` prints it for
-``dry_run=true``. No mlflow import (the dry run's stray-run cleanup lives in cli/tracking).
+``dry_run=true``. No mlflow import (the dry run itself, printing and stray-run cleanup, lives in cli).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -25,9 +24,20 @@ from typing import Any
 
 import torch
 
-from scaling_lab import counting, data
+from scaling_lab import counting, data, figures, model
 from scaling_lab.config import FLOPS_RULES, RunConfig
-from scaling_lab.train import Plan, make_plan, pick_device, pick_dtype, pick_micro_batch
+from scaling_lab.counting import Plan, make_plan
+from scaling_lab.model import GPT
+from scaling_lab.runtime import (
+    activation_bytes_per_seq,
+    autocast,
+    compile_used,
+    device_name,
+    pick_device,
+    pick_dtype,
+    pick_micro_batch,
+    sync,
+)
 
 CALIBRATION_FILE = "calibration.json"
 TIMED_SECONDS = 1.5  # wall time spent on timed steps per calibration (more steps average out contention)
@@ -40,30 +50,8 @@ OPTIMIZER_BYTES_PER_PARAM = 16  # fp32 weight 4 + grad 4 + AdamW exp_avg 4 + exp
 # --------------------------------------------------------------------------- device and keys
 
 
-def device_name(device: torch.device) -> str:
-    """Human-readable device: GPU model, or CPU model and the threads torch uses."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "mps":
-        return f"Apple MPS ({platform.machine()})"
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"CPU {cpu}, {torch.get_num_threads()} threads"
-
-
-def compile_used(cfg: RunConfig, device: torch.device) -> bool:
-    """Same rule as train(): compile=true, or auto on CUDA."""
-    return cfg.train.compile == "true" or (cfg.train.compile == "auto" and device.type == "cuda")
-
-
 def _model_code() -> str:
     """Short hash of the model's source: a timing cached before a change to the compute path is not reused."""
-    from scaling_lab import model
-
     return hashlib.sha256(Path(model.__file__).read_bytes()).hexdigest()[:8]
 
 
@@ -123,22 +111,9 @@ class Calibration:
         return accum * self.micro_s + self.opt_s
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def _autocast(device: torch.device, dtype: torch.dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-
-
 def measure(cfg: RunConfig, device: torch.device, dtype: torch.dtype, compile_on: bool, micro: int,
             timed_seconds: float = TIMED_SECONDS) -> Calibration:
     """Time real training steps of ``cfg.model`` at micro-batch ``micro`` (no data, no logging)."""
-    from scaling_lab.model import GPT
-
     m, tc = cfg.model, cfg.train
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
@@ -146,17 +121,17 @@ def measure(cfg: RunConfig, device: torch.device, dtype: torch.dtype, compile_on
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(model.param_groups(tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                             fused=fused, foreach=None if fused else True)
-    _sync(device)
+    sync(device)
     build_s = time.perf_counter() - t0
     fwd = torch.compile(model) if compile_on else model
-    autocast = _autocast(device, dtype)
+    amp = autocast(device, dtype)
 
     def batch(b: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.randint(m.n_vocab, (b, m.block_size + 1), generator=gen)
         return ids[:, :-1].to(device), ids[:, 1:].to(device)
 
     def fb(x, y) -> None:
-        with autocast:
+        with amp:
             _, loss = fwd(x, y)
         loss.backward()
 
@@ -170,10 +145,10 @@ def measure(cfg: RunConfig, device: torch.device, dtype: torch.dtype, compile_on
         x1, y1 = batch(1)
         fb(x1, y1)
         opt_step()
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         fb(x1, y1)
-        _sync(device)
+        sync(device)
         if micro * (time.perf_counter() - t) > PROBE_LIMIT_S:
             b = 1
         opt.zero_grad(set_to_none=True)
@@ -185,7 +160,7 @@ def measure(cfg: RunConfig, device: torch.device, dtype: torch.dtype, compile_on
     for _ in range(1 if b < micro else 2):
         fb(x, y)
         opt_step()
-    _sync(device)
+    sync(device)
     warm_s = time.perf_counter() - t
 
     fb_times: list[float] = []
@@ -194,10 +169,10 @@ def measure(cfg: RunConfig, device: torch.device, dtype: torch.dtype, compile_on
     while not fb_times or (time.perf_counter() - start < timed_seconds and len(fb_times) < MAX_TIMED_STEPS):
         t = time.perf_counter()
         fb(x, y)
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         opt_step()
-        _sync(device)
+        sync(device)
         fb_times.append(t1 - t)
         opt_times.append(time.perf_counter() - t1)
     # medians: a step stalled by another process sharing the CPU does not set the rate (see the docs)
@@ -212,9 +187,9 @@ def measure(cfg: RunConfig, device: torch.device, dtype: torch.dtype, compile_on
     with torch.no_grad():
         while not eval_times or (time.perf_counter() - start < timed_seconds / 3 and len(eval_times) < MAX_TIMED_STEPS):
             t = time.perf_counter()
-            with autocast:
+            with amp:
                 fwd(x, y)
-            _sync(device)
+            sync(device)
             eval_times.append(time.perf_counter() - t)
     eval_tps = b * m.block_size / statistics.median(eval_times)
     model.train()
@@ -250,11 +225,9 @@ def _state_bytes(model: torch.nn.Module) -> int:
 
 
 def _plot_seconds(cfg: RunConfig) -> float:
-    from scaling_lab.train import _plot_curve
-
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        _plot_curve([3.0, 2.0, 1.0], Path(tmp) / "c.png", cfg)
+        figures.loss_curve([3.0, 2.0, 1.0], Path(tmp) / "c.png", cfg.mode)
         return time.perf_counter() - t
 
 
@@ -290,13 +263,6 @@ def calibrate(cfg: RunConfig, refresh: bool = False, timed_seconds: float = TIME
 
 
 # --------------------------------------------------------------------------- the estimate
-
-
-def activation_bytes_per_seq(cfg: RunConfig) -> int:
-    """Activation bytes per sequence, the bound train.pick_micro_batch fits to free memory:
-    n_layer * T * d * 34 * 2 (Korthikanti et al. 2022, Eq. 2, no score term with SDPA) + logits T * V * 12."""
-    m = cfg.model
-    return m.n_layer * m.block_size * m.n_embd * 34 * 2 + m.block_size * m.n_vocab * 12
 
 
 @dataclass
@@ -510,129 +476,3 @@ def summary(est: Estimate | None, measured_s: float) -> str:
         return ""
     return (f"Estimated {fmt_seconds(est.total_s)} vs {fmt_seconds(measured_s)} measured "
             f"(estimate_error {estimate_error(est.total_s, measured_s):+.0%}). ")
-
-
-def dry_run(cfg: RunConfig, launched_run_id: str | None = None) -> int:
-    """``dry_run=true``: print the plan and its estimated cost; train nothing, leave no MLflow run.
-
-    Under ``mlflow run`` a run already exists (MLFLOW_RUN_ID); it is tagged, ended and deleted so no
-    live run stays behind (``mlflow gc`` removes deleted runs for good).
-    """
-    if launched_run_id:
-        from scaling_lab import tracking
-
-        tracking.end_stray_run(launched_run_id, "dry run: nothing trained")
-    print(format_plan(cfg, estimate_run(cfg)))
-    if not data.is_local(cfg.data.dataset) and not data._hub_reachable():
-        print(f"  warning     dataset '{cfg.data.dataset}' needs the Hugging Face hub, which cannot be reached: "
-              f"{data.OFFLINE_HINT} (check everything with the doctor entry point)")
-    return 0
-
-
-# --------------------------------------------------------------------------- a search's plan
-
-
-SEARCH_TIMED_SECONDS = 0.5  # shorter calibrations per trial shape: a search plan times many shapes
-
-
-@dataclass
-class TrialEstimate:
-    """One size of one budget's study."""
-
-    rung: int
-    allocation: str
-    """kaplan, chinchilla (the seeded sizes) or search."""
-    cfg: RunConfig
-    est: Estimate
-
-
-@dataclass
-class BudgetEstimate:
-    """One budget's study: range, seeds, trials and their predicted cost."""
-
-    plan: Any
-    """search.BudgetPlan."""
-    trials: list[TrialEstimate]
-    n_trials: int
-    """Finished trials the study will hold (a seed that repeats a size is counted but costs nothing)."""
-    widen: int
-    """Extra sizes that may be tried when the best is at an edge (not in the totals)."""
-    total_s: float
-    flops: float
-    """Training FLOPs of all trials under the search's flops_rule (what the trials actually train)."""
-
-
-def plan_search(scfg: Any, timed_seconds: float = SEARCH_TIMED_SECONDS) -> list[BudgetEstimate]:
-    """Every budget of ``scfg`` (a search.SearchConfig): sizes searched, seeds, trials, time and FLOPs.
-
-    grid: every size in range once (a duplicate seed reuses the first's result). tpe/random: the two seeds
-    plus trials-2 sampled sizes, costed at the mean over the range. Pruning can only shorten this.
-    """
-    from scaling_lab import search
-
-    out = []
-    for budget in scfg.budget_list():
-        plan = search.plan_budget(scfg, budget)
-        alloc = {plan.kaplan_rung: "kaplan", plan.chinchilla_rung: "chinchilla"}
-        if plan.kaplan_rung == plan.chinchilla_rung:
-            alloc[plan.kaplan_rung] = "kaplan+chinchilla"
-        trials = []
-        for rung in range(plan.lo, plan.hi + 1):
-            cfg = search.trial_config(scfg, budget, rung)
-            trials.append(TrialEstimate(rung, alloc.get(rung, "search"), cfg, estimate_run(cfg, timed_seconds=timed_seconds)))
-        seeds = [t for t in trials if t.allocation != "search"]
-        if scfg.sampler == "grid":
-            n = len(trials) + (plan.kaplan_rung == plan.chinchilla_rung)
-            total = sum(t.est.total_s for t in trials)
-            flops = sum(t.est.plan.counts[f"flops_{scfg.flops_rule}"] for t in trials)
-        else:
-            n = max(scfg.trials, 2)
-            mean_s = sum(t.est.total_s for t in trials) / len(trials)
-            mean_f = sum(t.est.plan.counts[f"flops_{scfg.flops_rule}"] for t in trials) / len(trials)
-            total = sum(t.est.total_s for t in seeds) + max(0, n - 2) * mean_s
-            flops = sum(t.est.plan.counts[f"flops_{scfg.flops_rule}"] for t in seeds) + max(0, n - 2) * mean_f
-        out.append(BudgetEstimate(plan, trials, n, scfg.widen, total, flops))
-    return out
-
-
-def format_search_plan(scfg: Any, budgets: list[BudgetEstimate]) -> str:
-    """The search dry-run report: per budget the sizes searched, the seeded sizes, trials, time and FLOPs."""
-    from scaling_lab import search
-
-    lines = [f"dry run (search {scfg.mode}): nothing trained, no MLflow run, no Optuna study or trial",
-             f"  {len(budgets)} budgets under flops_rule {scfg.flops_rule}; sampler {scfg.sampler}, pruner {scfg.pruner}, "
-             f"{scfg.workers} worker(s); storage {search.masked(scfg.storage)}"]
-    for b in budgets:
-        p = b.plan
-        lines.append(f"  C={p.budget:.3g} ({p.study_name}): n_embd {search.LADDER[p.lo]}..{search.LADDER[p.hi]}; "
-                     f"seeds kaplan N={p.kaplan_n:,.0f} (non-embedding) -> d={search.LADDER[p.kaplan_rung]}, "
-                     f"chinchilla N={p.chinchilla_n:,.0f} (total) -> d={search.LADDER[p.chinchilla_rung]}; "
-                     f"{b.n_trials} trials" + (f" (+ up to {b.widen} if the best is at an edge)" if b.widen else ""))
-        lines.append(f"      {'n_embd':>6} {'n_layer':>7} {'n_params':>11} {'n_params_total':>14} {'tokens':>12} "
-                     f"{'steps':>6} {'batch':>5} {'tokens/s':>9} {'est. time':>12}  allocation")
-        for t in b.trials:
-            m, pl, e = t.cfg.model, t.est.plan, t.est
-            lines.append(f"      {m.n_embd:>6} {m.n_layer:>7} {pl.counts['n_params']:>11,} {pl.counts['n_params_total']:>14,} "
-                         f"{pl.tokens_trained:>12,} {pl.steps:>6,} {t.cfg.train.batch_size:>5} {e.tokens_per_s:>9,.0f} "
-                         f"{fmt_seconds(e.total_s):>12}  {t.allocation}")
-        lines.append(f"      budget total: {fmt_seconds(b.total_s)}, {b.flops:.3e} training FLOPs")
-    total_s = sum(b.total_s for b in budgets)
-    workers = max(1, scfg.workers)
-    lines.append(f"  total: {sum(b.n_trials for b in budgets)} trials, {sum(b.flops for b in budgets):.3e} training FLOPs "
-                 f"({scfg.flops_rule}), estimated {fmt_seconds(total_s)}"
-                 + (f" on one worker, about {fmt_seconds(total_s / workers)} with {workers} workers sharing the device"
-                    if workers > 1 else "")
-                 + " without pruning (pruned trials stop early)")
-    device = budgets[0].trials[0].est.device if budgets and budgets[0].trials else "?"
-    lines.append(f"  device {device}; each trial shape calibrated ({SEARCH_TIMED_SECONDS:g} s timed, cached)")
-    return "\n".join(lines)
-
-
-def dry_run_search(scfg: Any, launched_run_id: str | None = None) -> int:
-    """``dry_run=true`` on the search entry point: print the plan of every budget; create nothing."""
-    if launched_run_id:
-        from scaling_lab import tracking
-
-        tracking.end_stray_run(launched_run_id, "dry run: nothing trained")
-    print(format_search_plan(scfg, plan_search(scfg)))
-    return 0

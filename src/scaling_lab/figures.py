@@ -298,3 +298,50 @@ def overlay(N: np.ndarray, L: np.ndarray, labels: np.ndarray, fit: laws.IsoFlopF
         bx.set_title("N_opt: measured against predicted")
         bx.legend(loc="upper left")
         return _save(fig, folder, name)
+
+
+def loss_curve(history: Sequence[float], path: Path, title: str) -> bool:
+    """One run's train/loss per optimizer step (the run's loss_curve.png); False when there is nothing to draw."""
+    if not history:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(range(1, len(history) + 1), history, lw=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def study_loss_vs_n(points: Sequence[tuple[float, float, str]], pruned: Sequence[tuple[float, float]],
+                    best: tuple[float, float] | None, path: Path, title: str) -> bool:
+    """A search study's final val/loss against N_total: ``points`` (N, loss, allocation) of COMPLETE trials,
+    seeded ones marked; ``pruned`` (N, last reported loss) as open circles; ``best`` circled."""
+    if not points and not pruned:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    style = {"search": ("o", "tab:gray"), "kaplan": ("s", "tab:red"), "chinchilla": ("D", "tab:blue")}
+    for alloc, (marker, color) in style.items():
+        xs = [(n, v) for n, v, a in points if a == alloc]
+        if xs:
+            ax.scatter(*zip(*xs), marker=marker, color=color, label=f"{alloc}", zorder=3)
+    if pruned:
+        ax.scatter(*zip(*pruned), facecolors="none", edgecolors="k", label="pruned (last report)", zorder=2)
+    if points:
+        ax.plot(*zip(*sorted((n, v) for n, v, _ in points)), color="k", lw=0.8, alpha=0.5)
+    if best is not None:
+        ax.scatter([best[0]], [best[1]], marker="o", s=260, facecolors="none", edgecolors="goldenrod",
+                   linewidths=2, zorder=4, label="best")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters N (total)")
+    ax.set_ylabel("final val/loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

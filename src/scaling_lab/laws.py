@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from scipy import optimize
 
-from scaling_lab.config import ConfigError
+from scaling_lab.errors import ConfigError
 
 KAPLAN_A = 0.73  # N_opt ∝ C^0.73 (Kaplan et al. 2020, Sec. 6.1)
 CHINCHILLA_A = 0.50  # N_opt ∝ C^0.50 (Hoffmann et al. 2022, Table 2, Approaches 1-3: 0.50, 0.49, 0.46)

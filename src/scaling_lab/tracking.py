@@ -1,4 +1,5 @@
-"""The only library module that imports mlflow: runs, batched metric logging, tags, queries.
+"""The only library module that imports mlflow: runs, batched metric logging, tags, queries; also the one reader
+of ``MLFLOW_RUN_ID`` (``launched_run_id``) and the one masker of passwords in URLs (``masked``).
 
 Metrics are buffered and written with ``log_batch`` (one SQLite commit per batch, not per value);
 a flush that fails (server away) keeps the buffer and is retried, so nothing logged is lost.
@@ -15,17 +16,36 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 import scaling_lab
-from scaling_lab.errors import Interrupted, TrackingUnavailable
+from scaling_lab.errors import ConfigError, Interrupted, TrackingUnavailable
 
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 MAX_PARAMS_PER_BATCH = 100
 PARAM_VALUE_LIMIT = 6000
+
+
+def launched_run_id() -> str | None:
+    """The run ``mlflow run`` created and logged this invocation's parameters into (MLFLOW_RUN_ID), or None.
+
+    Each entry point calls this once, at its start. It removes the variable from the environment, so neither a
+    later ``run()`` nor a process this one starts (search workers) continues that run by accident: the entry point
+    decides what becomes of it (continued by the training run, failed on bad input, closed by a search)."""
+    return os.environ.pop("MLFLOW_RUN_ID", None) or None
+
+
+def masked(url: str) -> str:
+    """``url`` with any password replaced by *** (for tags, reports and messages)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def tracking_uri() -> str:
@@ -208,11 +228,10 @@ def run(
 ) -> Iterator[RunLogger]:
     """Open (or continue) a run; end it FINISHED, FAILED (tag ``error``) or KILLED (tag ``killed_by``).
 
-    ``run_id`` continues an existing run (resume, or the run ``mlflow run`` created: MLFLOW_RUN_ID).
+    ``run_id`` continues an existing run (resume, or the run ``mlflow run`` created: ``launched_run_id()``).
     """
     exp_id = setup(experiment)
     client = MlflowClient()
-    run_id = run_id or os.environ.get("MLFLOW_RUN_ID") or None
     all_tags = {**standard_tags(), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
@@ -363,8 +382,6 @@ def runs_frame(experiments: list[str] | None = None, filter_string: str = "", pa
         for name in experiments:
             exp = client.get_experiment_by_name(name)
             if exp is None:
-                from scaling_lab.config import ConfigError
-
                 known = [e.name for e in client.search_experiments()]
                 raise ConfigError("experiment", name, "an experiment in the store: " + ", ".join(known))
             exps.append(exp.experiment_id)

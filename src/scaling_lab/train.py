@@ -1,19 +1,19 @@
-"""train(cfg, log) -> TrainResult: the loop, top to bottom. No mlflow import: ``log`` is a callback.
+"""train(cfg, log) -> TrainResult: setup, the loop, finish, top to bottom. No mlflow import: ``log`` is a
+callback (tracking.RunLogger, or MemoryLogger in tests).
 
-Phases, in order: device and precision -> data -> model and optimizer -> plan (steps, micro-batch)
--> resume -> loop (step, log, evaluate, checkpoint) -> final evaluation and artifacts.
+``setup``: processes, device and precision -> plan and data -> model and optimizer -> resume or first params.
+``fit``: the loop (step, log, evaluate, checkpoint). ``finish``: final evaluation and artifacts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
-import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,9 +23,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from scaling_lab import counting, data
-from scaling_lab.config import ConfigError, RunConfig, from_flat
-from scaling_lab.errors import Interrupted, NonFiniteLoss, StopTraining
+from scaling_lab import counting, data, figures, runtime
+from scaling_lab.config import RunConfig, from_flat
+from scaling_lab.counting import Plan, make_plan
+from scaling_lab.errors import ConfigError, Interrupted, NonFiniteLoss, StopTraining
 from scaling_lab.model import GPT
 
 
@@ -88,22 +89,6 @@ class NullLogger(MemoryLogger):
 
 
 @dataclass
-class Plan:
-    """What a configuration will do, computed without training (also used by dry runs)."""
-
-    steps: int
-    tokens_per_step: int
-    tokens_trained: int
-    counts: dict[str, float]
-    eval_steps: list[int]
-    checkpoint_every: int
-
-    def params(self) -> dict[str, Any]:
-        return {"steps": self.steps, "tokens_per_step": self.tokens_per_step,
-                "tokens_trained": self.tokens_trained, **self.counts}
-
-
-@dataclass
 class TrainResult:
     run_id: str
     val_loss: float
@@ -115,75 +100,6 @@ class TrainResult:
     stopped_early: bool = False
     log_seconds: float = 0.0
     history: list[float] = field(default_factory=list)
-
-
-def make_plan(cfg: RunConfig) -> Plan:
-    """Steps, tokens and FLOPs of ``cfg``: D from tokens, or from flops under flops_rule."""
-    t, m = cfg.train, cfg.model
-    tokens = t.tokens if t.tokens else counting.tokens_for_flops(m, t.flops, t.flops_rule)
-    tokens_per_step = t.batch_size * m.block_size
-    steps = tokens // tokens_per_step
-    if steps < 1:
-        what = "flops" if t.flops else "tokens"
-        need = tokens_per_step if not t.flops else tokens_per_step * counting.flops_per_token(m, t.flops_rule)
-        raise ConfigError(what, t.flops or t.tokens, f"at least one optimizer step: >= {need:.4g} "
-                          f"(batch_size {t.batch_size} x block_size {m.block_size} tokens)")
-    trained = steps * tokens_per_step
-    every = t.eval_every or max(1, math.ceil(steps / 10))
-    evals = sorted({min(steps, s) for s in range(every, steps + every, every)} | {steps})
-    if not t.eval_every:  # evaluate at the same fractions of the budget in every run: 10%, 20%, ... 100%
-        evals = sorted({max(1, round(steps * k / 10)) for k in range(1, 11)})
-    return Plan(steps, tokens_per_step, trained, counting.counts(m, trained), evals, t.checkpoint_every)
-
-
-# --------------------------------------------------------------------------- device and precision
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device", name, "auto or cpu (no CUDA device here)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("device", name, "auto or cpu (no MPS device here)")
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Autocast dtype. auto: bf16 on CUDA (when supported) and CPU (measured faster here), fp32 on MPS."""
-    if name == "fp32":
-        return torch.float32
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        if name == "bf16":
-            raise ConfigError("dtype", name, "fp32 or auto on this GPU (no bf16)")
-        return torch.float32
-    if name == "auto" and device.type == "mps":
-        return torch.float32
-    return torch.bfloat16
-
-
-def pick_micro_batch(cfg: RunConfig, device: torch.device) -> int:
-    """Largest divisor of batch_size whose activations fit in half the free memory.
-
-    Per sequence (bytes, fp32 upper bound): layers * T * d * 34 * 2 (Korthikanti et al. 2022, Eq. 2
-    without the attention-score term SDPA avoids) plus logits, their softmax and grad T * V * 12.
-    """
-    m, t = cfg.model, cfg.train
-    if t.micro_batch:
-        return t.micro_batch
-    per_seq = m.n_layer * m.block_size * m.n_embd * 34 * 2 + m.block_size * m.n_vocab * 12
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        import psutil
-
-        free = psutil.virtual_memory().available
-    fit = max(1, int(0.5 * free // per_seq))
-    return max(d for d in range(1, t.batch_size + 1) if t.batch_size % d == 0 and d <= fit)
 
 
 def lr_at(step: int, steps: int, peak: float, warmup_frac: float, min_ratio: float) -> float:
@@ -236,136 +152,97 @@ def resume_config(run_id: str, checkpoint_dir: str) -> RunConfig:
     return from_flat(flat)
 
 
-@contextlib.contextmanager
-def _stop_on_signals():
-    """SIGINT/SIGTERM set a flag the loop checks after each step (checkpoint, then stop KILLED)."""
-    flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handler(signum, frame):
-        if flag.is_set():  # second signal: stop now
-            raise KeyboardInterrupt
-        flag.set()
-
-    for s in old:
-        signal.signal(s, handler)
-    try:
-        yield flag
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
-# --------------------------------------------------------------------------- several processes (torchrun)
+@dataclass
+class Session:
+    """Everything the loop needs, built by ``setup`` (tensors live on ``device``)."""
+
+    cfg: RunConfig
+    plan: Plan
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+    model: GPT
+    net: torch.nn.Module
+    """The module the loop calls backward through: ``model``, or its DistributedDataParallel wrapper."""
+    fwd: Any
+    """``net``, compiled when the compile rule says so."""
+    optimizer: torch.optim.Optimizer
+    micro: int
+    """Sequences per forward pass."""
+    accum: int
+    """Micro-batches per optimizer step, all processes together."""
+    mine: list[int]
+    """This process's micro-batch indices within a step (batches are a function of seed, step, index)."""
+    batches: data.Batches
+    val_x: torch.Tensor
+    """(windows, block_size) validation inputs; val_y the targets."""
+    val_y: torch.Tensor
+    val_bytes: int
+    """UTF-8 bytes the scored validation targets stand for (bits per byte)."""
+    ckpt: Path
+    t0: float
+    start: int = 0
+    """Steps already done (resume)."""
+    history: list[float] = field(default_factory=list)
+    """train/loss of every step done."""
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return runtime.autocast(self.device, self.dtype)
 
 
-def dist_setup(device_name: str = "auto") -> tuple[int, int]:
-    """(rank, world size). Under torchrun (WORLD_SIZE > 1) join the process group once: NCCL on CUDA, gloo
-    on CPU. One process: (0, 1), nothing initialised."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
-def dist_teardown() -> None:
-    """Leave the process group (torchrun runs), if one was joined."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def dist_micro_batch(micro: int, batch_size: int, world: int) -> int:
-    """Largest micro-batch <= ``micro`` whose count of micro-batches per step splits evenly over ``world``."""
-    for d in range(micro, 0, -1):
-        if batch_size % d == 0 and (batch_size // d) % world == 0:
-            return d
-    raise ConfigError("batch_size", batch_size, f"a multiple of the number of processes ({world})")
-
-
-# --------------------------------------------------------------------------- the loop
-
-
-def train(
-    cfg: RunConfig,
-    log: Logger,
-    on_eval: Callable[[int, float, float], None] | None = None,
-    progress: bool = True,
-) -> TrainResult:
-    """Train ``cfg`` and report through ``log``. ``on_eval(step, budget_fraction, val_loss)`` may raise
-    StopTraining (pruning). Raises NonFiniteLoss, ConfigError, or Interrupted on SIGINT/SIGTERM."""
+def setup(cfg: RunConfig, log: Logger) -> Session:
+    """Processes, device, precision and seeds -> plan and data -> model and optimizer -> resume (or log the
+    run's parameters the first time)."""
     t0 = time.perf_counter()
     m, tc = cfg.model, cfg.train
-
-    # 1. processes, device, precision, seeds
-    rank, world = dist_setup(tc.device)
-    device = pick_device(tc.device)
+    rank, world = runtime.dist_setup(tc.device)
+    device = runtime.pick_device(tc.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    dtype = pick_dtype(tc.dtype, device)
-    torch.manual_seed(tc.seed)
-    random.seed(tc.seed)
-    np.random.seed(tc.seed % 2**32)
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
-                else contextlib.nullcontext())
+    dtype = runtime.pick_dtype(tc.dtype, device)
+    _seed_everything(tc.seed)
 
-    # 2. plan and data
     plan = make_plan(cfg)
     if world > 1 and rank > 0:
-        _barrier()  # rank 0 fills the token cache first
+        runtime.barrier()  # rank 0 fills the token cache first
     train_tokens = data.load_tokens(cfg.data, cfg.data.train_split, max_tokens=plan.tokens_trained)
     val_tokens = data.load_tokens(cfg.data, cfg.data.val_split, max_tokens=tc.eval_tokens * 4)
-    batches = data.Batches(train_tokens.ids, m.block_size, tc.seed)
     val_x, val_y = data.eval_windows(val_tokens.ids, m.block_size, tc.eval_tokens)
     enc = data.get_encoding(cfg.data.vocab_size, cfg.data.tokenizer)
-    val_bytes = int(data.token_byte_lengths(enc)[val_y.numpy()].sum())  # bytes the scored targets stand for
+    val_bytes = int(data.token_byte_lengths(enc)[val_y.numpy()].sum())
     if world > 1 and rank == 0:
-        _barrier()
+        runtime.barrier()
     prep_s = time.perf_counter() - t0
 
-    # 3. model and optimizer
     model = GPT(m).to(device)
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.param_groups(tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                                   fused=fused, foreach=None if fused else True)
-    micro = pick_micro_batch(cfg, device)
+    micro = runtime.pick_micro_batch(cfg, device)
     if world > 1:
-        micro = dist_micro_batch(micro, tc.batch_size, world)
-    accum = tc.batch_size // micro  # micro-batches per optimizer step, all processes together
-    mine = list(range(rank, accum, world))  # this process's micro-batch indices (batches: f(seed, step, k))
-    compile_on = tc.compile == "true" or (tc.compile == "auto" and device.type == "cuda")
-    net = model
+        micro = runtime.dist_micro_batch(micro, tc.batch_size, world)
+    accum = tc.batch_size // micro
+    compile_on = runtime.compile_used(cfg, device)
+    net: torch.nn.Module = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    fwd = torch.compile(net) if compile_on else net
-    eval_fwd = fwd if world == 1 else model  # evaluation needs no gradient sync
-
-    # 4. resume
-    start, history = 0, []
-    ckpt = checkpoint_path(cfg, log.run_id)
+    s = Session(cfg, plan, rank, world, device, dtype, model, net, torch.compile(net) if compile_on else net,
+                optimizer, micro, accum, list(range(rank, accum, world)),
+                data.Batches(train_tokens.ids, m.block_size, tc.seed), val_x, val_y, val_bytes,
+                checkpoint_path(cfg, log.run_id), t0)
     if tc.resume:
-        state = load_checkpoint(checkpoint_path(cfg, tc.resume))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, history = state["step"], list(state["history"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        for s in sorted({s for s, _, _ in state.get("unsent", [])}):  # metrics the store missed before the stop
-            log.log_metrics({k: v for s2, k, v in state["unsent"] if s2 == s}, step=s)
+        _resume(s, log)
     else:
         log.log_params({f"resolved.{k}": v for k, v in cfg.flat().items()} | plan.params()
                        | {"n_vocab": m.n_vocab, "micro_batch_used": micro, "grad_accum": accum,
@@ -376,64 +253,92 @@ def train(
                          val_tokens.n_bytes / len(val_tokens.ids),
                          "data/unigram_entropy": data.unigram_entropy(train_tokens.ids, m.n_vocab),
                          "data/prep_s": prep_s}, step=0)
+    return s
 
-    @torch.no_grad()
-    def evaluate() -> float:
-        model.eval()
-        total = 0.0
-        for i in range(rank * micro, len(val_x), micro * world):  # each process scores its share of windows
-            x, y = val_x[i : i + micro].to(device), val_y[i : i + micro].to(device)
-            with autocast:
-                _, loss = eval_fwd(x, y)
-            total += loss.item() * len(x)
-        model.train()
-        return _sum_over_processes(torch.tensor([total]), world, device)[0].item() / len(val_x)
 
-    # 5. the loop
+def _resume(s: Session, log: Logger) -> None:
+    """Model, optimizer, step, history and random state from the resumed run's checkpoint; metrics the store
+    missed before the stop are sent now."""
+    state = load_checkpoint(checkpoint_path(s.cfg, s.cfg.train.resume))
+    s.model.load_state_dict(state["model"])
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.start, s.history = state["step"], list(state["history"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    for step in sorted({st for st, _, _ in state.get("unsent", [])}):
+        log.log_metrics({k: v for st, k, v in state["unsent"] if st == step}, step=step)
+
+
+@torch.no_grad()
+def evaluate(s: Session) -> float:
+    """Mean validation loss (nats/token) over the fixed windows; each process scores its share."""
+    eval_fwd = s.fwd if s.world == 1 else s.model  # evaluation needs no gradient sync
+    s.model.eval()
+    total = 0.0
+    for i in range(s.rank * s.micro, len(s.val_x), s.micro * s.world):
+        x, y = s.val_x[i : i + s.micro].to(s.device), s.val_y[i : i + s.micro].to(s.device)
+        with s.autocast():
+            _, loss = eval_fwd(x, y)
+        total += loss.item() * len(x)
+    s.model.train()
+    return runtime.sum_over_processes(torch.tensor([total]), s.world, s.device)[0].item() / len(s.val_x)
+
+
+def train_step(s: Session, step: int, stop: Any) -> tuple[float, float, float]:
+    """One optimizer step (0-based ``step``): set lr, accumulate this process's micro-batches, clip, update.
+    Returns (train/loss averaged over the whole batch, gradient norm, lr)."""
+    tc = s.cfg.train
+    lr = lr_at(step, s.plan.steps, tc.lr, tc.warmup_frac, tc.min_lr_ratio)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=s.device)
+    for j, k in enumerate(s.mine):
+        x, y = s.batches.get(step, k, s.micro)
+        x, y = x.to(s.device, non_blocking=True), y.to(s.device, non_blocking=True)
+        sync = s.world == 1 or j == len(s.mine) - 1  # DDP all-reduces gradients on the last micro-batch only
+        with contextlib.nullcontext() if sync else s.net.no_sync():
+            with s.autocast():
+                _, loss = s.fwd(x, y)
+            (loss / len(s.mine)).backward()  # DDP averages over processes: the mean over all accum
+        loss_sum += loss.detach()
+    norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), tc.grad_clip if tc.grad_clip else math.inf)
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    # one collective per step: the loss summed over processes, and whether any process got a signal
+    loss_sum, stop_any = runtime.sum_over_processes(
+        torch.stack([loss_sum.float().cpu(), torch.tensor(float(stop.is_set()))]), s.world, s.device)
+    if stop_any > 0:
+        stop.set()
+    return float(loss_sum) / s.accum, float(norm), lr  # float(): the one host sync per step
+
+
+def fit(s: Session, log: Logger, on_eval: Callable[[int, float, float], None] | None = None,
+        progress: bool = True) -> tuple[float, bool, float]:
+    """The loop: step, log, evaluate, checkpoint. Returns (last val/loss, stopped early, loop seconds)."""
+    m, tc, plan = s.cfg.model, s.cfg.train, s.plan
     tok_per_step = plan.tokens_per_step
-    val_loss = float("nan")
-    stopped = False
-    bar = _progress(plan.steps, start, progress)
+    flops_per_token = counting.flops_per_token(m, tc.flops_rule)
+    val_loss, stopped = float("nan"), False
+    bar = _progress(plan.steps, s.start, progress)
     t_loop = time.perf_counter()
-    with _stop_on_signals() as stop:
-        for step in range(start, plan.steps):
+    with runtime.stop_on_signals() as stop:
+        for step in range(s.start, plan.steps):
             ts = time.perf_counter()
-            lr = lr_at(step, plan.steps, tc.lr, tc.warmup_frac, tc.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for j, k in enumerate(mine):
-                x, y = batches.get(step, k, micro)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                sync = world == 1 or j == len(mine) - 1  # DDP all-reduces gradients on the last micro-batch only
-                with contextlib.nullcontext() if sync else net.no_sync():
-                    with autocast:
-                        _, loss = fwd(x, y)
-                    (loss / len(mine)).backward()  # DDP averages over processes: the mean over all accum
-                loss_sum += loss.detach()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip else math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            # one collective per step: the loss summed over processes, and whether any process got a signal
-            loss_sum, stop_any = _sum_over_processes(torch.stack([loss_sum.float().cpu(),
-                                                                  torch.tensor(float(stop.is_set()))]), world, device)
-            if stop_any > 0:
-                stop.set()
-            train_loss = float(loss_sum) / accum  # syncs the device once per step
+            train_loss, norm, lr = train_step(s, step, stop)
             done = step + 1
             if not math.isfinite(train_loss):
                 raise NonFiniteLoss(f"train/loss is {train_loss} at step {done}")
-            history.append(train_loss)
+            s.history.append(train_loss)
             dt = time.perf_counter() - ts
-            log.log_metrics({"train/loss": train_loss, "lr": lr, "grad_norm": float(norm),
-                             "tokens_seen": done * tok_per_step,
-                             "flops_seen": done * tok_per_step * counting.flops_per_token(m, tc.flops_rule),
+            log.log_metrics({"train/loss": train_loss, "lr": lr, "grad_norm": norm,
+                             "tokens_seen": done * tok_per_step, "flops_seen": done * tok_per_step * flops_per_token,
                              "step_time_ms": dt * 1000, "tokens_per_s": tok_per_step / dt}, step=done)
             bar.update(train_loss, tok_per_step / dt)
             if done in plan.eval_steps:
-                val_loss = evaluate()
+                val_loss = evaluate(s)
                 log.log_metrics({"val/loss": val_loss,
-                                 "val/bpb": data.bits_per_byte(val_loss, val_y.numel(), val_bytes)}, step=done)
+                                 "val/bpb": data.bits_per_byte(val_loss, s.val_y.numel(), s.val_bytes)}, step=done)
                 if not math.isfinite(val_loss):
                     raise NonFiniteLoss(f"val/loss is {val_loss} at step {done}")
                 if on_eval is not None:
@@ -443,58 +348,54 @@ def train(
                         stopped = True
                         break
             at_ckpt = (done % plan.checkpoint_every == 0) if plan.checkpoint_every else done in plan.eval_steps
-            if ((at_ckpt and done < plan.steps) or stop.is_set()) and rank == 0:
+            if ((at_ckpt and done < plan.steps) or stop.is_set()) and s.rank == 0:
                 log.flush(raise_on_error=False)  # stored history reaches the checkpoint (kill -9 leaves no gap)
-                save_checkpoint(ckpt, model, optimizer, done, cfg, history, log.unsent())
+                save_checkpoint(s.ckpt, s.model, s.optimizer, done, s.cfg, s.history, log.unsent())
             if stop.is_set():
                 bar.close()
-                raise Interrupted(f"signal at step {done}; checkpoint {ckpt}")
+                raise Interrupted(f"signal at step {done}; checkpoint {s.ckpt}")
     bar.close()
-    loop_s = time.perf_counter() - t_loop
-    steps_run = len(history) - start
-    done = len(history)
+    return val_loss, stopped, time.perf_counter() - t_loop
 
-    # 6. final evaluation, artifacts
+
+def finish(s: Session, log: Logger, val_loss: float, stopped: bool, loop_s: float) -> TrainResult:
+    """Final evaluation (unless the loop just scored the last step), final metrics, checkpoint, artifacts."""
+    plan, done = s.plan, len(s.history)
     if not stopped and (not plan.eval_steps or plan.eval_steps[-1] != plan.steps or math.isnan(val_loss)):
-        val_loss = evaluate()
-    bpb = data.bits_per_byte(val_loss, val_y.numel(), val_bytes)
+        val_loss = evaluate(s)
+    bpb = data.bits_per_byte(val_loss, s.val_y.numel(), s.val_bytes)
     log.log_metrics({"final/val_loss": val_loss, "final/val_bpb": bpb}, step=done)
-    if rank == 0:
-        save_checkpoint(ckpt, model, optimizer, done, cfg, history, log.unsent())
+    if s.rank == 0:
+        save_checkpoint(s.ckpt, s.model, s.optimizer, done, s.cfg, s.history, log.unsent())
     log.flush()  # raises TrackingUnavailable when the store is away: the checkpoint keeps the metrics
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "config.json"
-        import json
-
-        cfg_path.write_text(json.dumps(cfg.flat(), indent=2))
+        cfg_path.write_text(json.dumps(s.cfg.flat(), indent=2))
         log.log_artifact(cfg_path)
         png = Path(tmp) / "loss_curve.png"
-        if _plot_curve(history, png, cfg):
+        m = s.cfg.model
+        if figures.loss_curve(s.history, png, f"{s.cfg.mode}: L={m.n_layer} d={m.n_embd} V={s.cfg.data.vocab_size}"):
             log.log_artifact(png)
-        if tc.save_checkpoint:
-            log.log_artifact(ckpt, "checkpoint")
+        if s.cfg.train.save_checkpoint:
+            log.log_artifact(s.ckpt, "checkpoint")
     log.flush()
-    wall = time.perf_counter() - t0
-    tps = steps_run * tok_per_step / loop_s if loop_s > 0 else 0.0
-    return TrainResult(log.run_id, val_loss, bpb, done, done * tok_per_step, wall, tps, stopped,
-                       getattr(log, "flush_seconds_total", 0.0), history)
+    tok_per_step = plan.tokens_per_step
+    tps = (done - s.start) * tok_per_step / loop_s if loop_s > 0 else 0.0
+    return TrainResult(log.run_id, val_loss, bpb, done, done * tok_per_step, time.perf_counter() - s.t0, tps,
+                       stopped, getattr(log, "flush_seconds_total", 0.0), s.history)
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    dist.barrier()
-
-
-def _sum_over_processes(t: torch.Tensor, world: int, device: torch.device) -> torch.Tensor:
-    """Element-wise sum of a small CPU tensor over all processes (itself with one process)."""
-    if world > 1:
-        import torch.distributed as dist
-
-        t = t.to(device)  # NCCL reduces CUDA tensors only; gloo CPU ones
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t = t.cpu()
-    return t
+def train(
+    cfg: RunConfig,
+    log: Logger,
+    on_eval: Callable[[int, float, float], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``cfg`` and report through ``log``. ``on_eval(step, budget_fraction, val_loss)`` may raise
+    StopTraining (pruning). Raises NonFiniteLoss, ConfigError, or Interrupted on SIGINT/SIGTERM."""
+    s = setup(cfg, log)
+    val_loss, stopped, loop_s = fit(s, log, on_eval, progress)
+    return finish(s, log, val_loss, stopped, loop_s)
 
 
 class _progress:
@@ -516,23 +417,3 @@ class _progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _plot_curve(history: list[float], path: Path, cfg: RunConfig) -> bool:
-    if not history:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(range(1, len(history) + 1), history, lw=1)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("train loss (nats/token)")
-    ax.set_title(f"{cfg.mode}: L={cfg.model.n_layer} d={cfg.model.n_embd} V={cfg.model.n_vocab}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True

@@ -1,0 +1,234 @@
+"""Optuna and SQL plumbing of a search: storages (with heartbeats), the study lock, creating and loading
+studies, queueing sizes, and the trials a dead or failed worker left behind.
+
+A trial's ladder position is its Optuna parameter ``rung``; its MLflow run id, worker and allocation are user
+attributes. Only ``tracking`` touches MLflow (closing the runs of failed trials).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import os
+import socket
+import sys
+import warnings
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+from scaling_lab import tracking
+from scaling_lab.errors import ConfigError
+from scaling_lab.isoflop import LADDER, BudgetPlan, SearchConfig, rung_of
+
+# Optuna trial heartbeat period (s); a trial silent for GRACE_S is failed and retried once. The environment
+# may shorten both (tests of killed workers, see docs/scaling-out.md).
+HEARTBEAT_S = int(os.environ.get("SCALING_LAB_HEARTBEAT_S", "30"))
+GRACE_S = int(os.environ.get("SCALING_LAB_GRACE_S", "120"))
+ACTIVE = ("COMPLETE", "PRUNED", "WAITING", "RUNNING")
+
+
+def storage_url(url: str) -> str:
+    """``url`` with a driver SQLAlchemy can load: a plain ``postgresql://`` means psycopg 3 to SQLAlchemy 2.1;
+    when only psycopg2 is installed it becomes ``postgresql+psycopg2://``."""
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
+
+
+class StudyLock:
+    """A lock every process that opens the study shares, for the few storage steps that must not interleave:
+    find-or-create the study's parent run and enqueue its sizes; see that a trial waits and take it. A
+    PostgreSQL (or MySQL) storage gives a session lock in the study's own database, so workers on several
+    machines share it and a dead worker's lock ends with its connection; a SQLite storage gives an flock on
+    ``<file>.lock`` beside the database (one lock per file, for the processes of one machine). Held for
+    milliseconds, never while training. ``release`` may be called more than once."""
+
+    def __init__(self, url: str, name: str):
+        self.url, self.name = storage_url(url), name
+        self.backend = make_url(self.url).get_backend_name()
+        # 64-bit key of the study name (pg_advisory_lock takes a bigint)
+        self.key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        self._conn = None
+        self._file = None
+
+    def acquire(self) -> StudyLock:
+        if self.backend in ("postgresql", "mysql"):
+            self._conn = create_engine(self.url, poolclass=NullPool).connect()
+            sql = ("SELECT pg_advisory_lock(:k)" if self.backend == "postgresql"
+                   else "SELECT GET_LOCK(:n, 600)")
+            self._conn.execute(text(sql), {"k": self.key, "n": f"scaling-lab:{self.name}"[:64]})
+        elif self.backend == "sqlite":
+            self._file = open(f"{make_url(self.url).database}.lock", "a")  # noqa: SIM115 (held until release)
+            fcntl.flock(self._file, fcntl.LOCK_EX)
+        return self
+
+    def release(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()  # a session lock ends with its session
+            finally:
+                self._conn = None
+        if self._file is not None:
+            try:
+                self._file.close()  # closing the file drops the flock
+            finally:
+                self._file = None
+
+    def __enter__(self) -> StudyLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def make_storage(url: str):
+    """RDBStorage with heartbeats: a trial whose process died is marked FAIL after the grace period and
+    retried once (RetryHeartbeatStaleTrialCallback), so several workers can share one study."""
+    url = storage_url(url)
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs = {"connect_args": {"timeout": 60}}
+    try:
+        # under a lock: two commands opening an empty database at once would both create Optuna's tables
+        with warnings.catch_warnings(), StudyLock(url, "optuna-schema"):
+            warnings.simplefilter("ignore")  # heartbeats are "experimental" in Optuna 5
+            return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+    except Exception as exc:  # bad driver, unreachable server, wrong password: one line
+        raise ConfigError("storage", tracking.masked(url), f"a reachable Optuna RDB storage ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200]})") from None
+
+
+def make_sampler(scfg: SearchConfig) -> optuna.samplers.BaseSampler:
+    if scfg.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=scfg.seed, n_startup_trials=3)
+    return optuna.samplers.RandomSampler(seed=scfg.seed)  # grid: every size is enqueued; random fills gaps only
+
+
+def make_pruner(scfg: SearchConfig) -> optuna.pruners.BasePruner:
+    if scfg.pruner == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=scfg.prune_startup, n_warmup_steps=scfg.prune_warmup)
+
+
+def open_study(scfg: SearchConfig, plan: BudgetPlan, storage, pruner=None):
+    """Create or load the budget's study (load_if_exists) and record its budget and range."""
+    study = optuna.create_study(study_name=plan.study_name, storage=storage, sampler=make_sampler(scfg),
+                                pruner=pruner or make_pruner(scfg), direction="minimize", load_if_exists=True)
+    attrs = study.user_attrs
+    lo = min(plan.lo, attrs.get("range_lo", plan.lo))
+    hi = max(plan.hi, attrs.get("range_hi", plan.hi))
+    plan.lo, plan.hi = lo, min(hi, plan.cap)
+    for k, v in {"budget": plan.budget, "flops_rule": scfg.flops_rule, "range_lo": plan.lo, "range_hi": plan.hi,
+                 "vocab_size": scfg.data.vocab_size, "block_size": scfg.block_size}.items():
+        if attrs.get(k) != v:
+            study.set_user_attr(k, v)
+    return study
+
+
+def enqueue_missing(study, plan: BudgetPlan, grid: bool) -> int:
+    """Enqueue the seeded trials (and with grid, every size in range) not yet finished, waiting or running.
+    Returns how many were enqueued; a re-run never enqueues a finished one twice."""
+    trials = study.get_trials(deepcopy=False)
+    active = [t for t in trials if t.state.name in ACTIVE]
+    added = 0
+    for alloc, rung in plan.seeds:
+        if not any(t.user_attrs.get("allocation") == alloc for t in active):
+            study.enqueue_trial({"rung": rung}, user_attrs={"allocation": alloc})
+            added += 1
+    if grid:
+        taken = {rung_of(t) for t in active} | {r for _, r in plan.seeds}
+        for rung in range(plan.lo, plan.hi + 1):
+            if rung not in taken:
+                study.enqueue_trial({"rung": rung}, user_attrs={"allocation": "search"})
+                added += 1
+    return added
+
+
+def _dead_here(worker: str) -> bool:
+    """True when ``worker`` ('host:pid', set by the objective) names a process of this machine that is gone."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def fail_stale_running(study, reason: str) -> dict[int, str]:
+    """Mark FAIL the RUNNING trials whose worker process on this machine is gone (a killed search being
+    re-run), at once rather than after the heartbeat grace period. Trials of live workers, or of other
+    machines, are left to the heartbeat. Returns {trial number: its MLflow run id ('' if none)}."""
+    stale = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if _dead_here(str(t.user_attrs.get("worker", ""))):
+            study._storage.set_trial_system_attr(t._trial_id, "fail_reason", reason)
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            stale[t.number] = t.user_attrs.get("mlflow_run_id", "")
+    return stale
+
+
+def target_trials(scfg: SearchConfig, plan: BudgetPlan, study) -> int:
+    """Finished trials (COMPLETE or PRUNED) this study should have."""
+    if scfg.sampler == "grid":
+        rungs = set(range(plan.lo, plan.hi + 1)) | {r for _, r in plan.seeds}
+        extra = {rung_of(t) for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED")}
+        return len(rungs | extra) + (plan.kaplan_rung == plan.chinchilla_rung)
+    return max(scfg.trials, 2)
+
+
+def count(study, states: tuple[str, ...]) -> int:
+    return sum(t.state.name in states for t in study.get_trials(deepcopy=False))
+
+
+def close_failed_trials(study, seen: set[int] | None = None) -> list[int]:
+    """Fail trials whose worker stopped beating (Optuna heartbeat; the retry callback queues them again) and
+    end the MLflow runs of FAIL trials still RUNNING: KILLED, trial_state=FAIL, with the reason. ``seen``:
+    FAIL trial numbers already handled by this worker (a finished trial's attributes cannot be changed)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experimental in Optuna 5
+        optuna.storages.fail_stale_trials(study)
+    closed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if run_id and (seen is None or t.number not in seen):
+            reason = t.user_attrs.get("error") or t.system_attrs.get("fail_reason") or (
+                f"worker {t.user_attrs.get('worker', '?')} stopped sending heartbeats (killed or lost) during the trial")
+            if tracking.close_trial_run(run_id, reason):
+                closed.append(t.number)
+            if seen is not None:
+                seen.add(t.number)
+    return closed
+
+
+def retry_failed_once(study, number: int, lock: StudyLock) -> bool:
+    """A grid trial that raised (a transient error such as a locked database, or a real bug) would leave a hole in
+    its isoFLOP curve: queue its size once more, unless it is itself such a retry or the size is queued, running or
+    done. The failed trial keeps its error (user attribute ``error``, its run FAILED); the copy names it in
+    ``retry_of``. Returns whether a copy was queued."""
+    t = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    if t is None or t.state.name != "FAIL" or "retry_of" in t.user_attrs or "failed_trial" in t.system_attrs:
+        return False
+    rung = rung_of(t)
+    if rung is None:
+        return False
+    with lock:
+        if rung in {rung_of(x) for x in study.get_trials(deepcopy=False) if x.state.name in ACTIVE}:
+            return False
+        study.enqueue_trial({"rung": rung}, user_attrs={"allocation": t.user_attrs.get("allocation", "search"),
+                                                        "retry_of": number})
+    print(f"  {study.study_name}: trial {number} (n_embd {LADDER[rung]}) failed "
+          f"({t.user_attrs.get('error', 'see the log above')}); its size is queued once more", file=sys.stderr)
+    return True
