@@ -20,7 +20,7 @@ GPT2_RANKS = 50256  # BPE ranks in GPT-2's vocabulary; the end-of-text token is 
 GPT2_VOCAB = GPT2_RANKS + 1  # 50,257 ids in GPT-2 (Radford et al. 2019)
 MIN_VOCAB = 256  # byte level: the 256 byte tokens only
 
-FLOPS_RULES = ("kaplan", "total", "chinchilla")
+FLOPS_RULES = ("kaplan", "total", "chinchilla", "exact")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "bf16", "fp32")
 COMPILE_CHOICES = ("auto", "true", "false")

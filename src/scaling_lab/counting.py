@@ -65,8 +65,33 @@ def flops_per_token_chinchilla(n_layer: int, n_head: int, n_embd: int, n_vocab: 
     return 3.0 * forward / s
 
 
+def flops_per_token_exact(n_layer: int, n_head: int, n_embd: int, n_vocab: int, block_size: int) -> float:
+    """Matmul FLOPs per training token that ``scaling_lab.model.GPT`` really does (forward + backward).
+
+    Forward per token of a sequence of s tokens (2 FLOPs per multiply-add; Kaplan et al. 2020 Table 1
+    without the embedding and bias terms; Chinchilla App. F without embedding lookup and softmax):
+    per layer QKV 6 d^2, attention output 2 d^2, MLP 16 d^2 (two d x 4d matmuls); attention scores
+    QK^T 2 s d and attention-weighted values 2 s d, summed over heads (h x 2 s (d/h)), so n_head cancels;
+    tied output head 2 d V. Backward = 2x forward (input and weight gradients of every matmul).
+    C = 3 [L (24 d^2 + 4 s d) + 2 d V] = 72 L d^2 + 12 L s d + 6 d V.
+
+    Attention is the full s x s product, not half for causality: that is what the math SDPA path
+    computes and what ``torch.utils.flop_counter`` counts, and what torch's CPU flash kernel computes
+    up to s = 512 (it masks inside 512-key blocks and skips only whole blocks above the diagonal,
+    ~0.62x of the time at s = 2048); CUDA flash kernels skip about half, so there this overcounts
+    the 12 L s d term by up to ~2x. Not counted (not matmuls): embedding lookup, bias adds,
+    LayerNorm, GELU, softmax and mask, cross-entropy, optimizer.
+    """
+    s, d, v = block_size, n_embd, n_vocab
+    del n_head  # the dense count does not depend on how d is split into heads
+    dense = 24 * d * d  # QKV + output projection + MLP, forward, per token
+    attention = 4 * s * d  # QK^T (b, h, s, s) and att @ V, forward, per token
+    head = 2 * d * v  # logits (b, s, V)
+    return 3.0 * (n_layer * (dense + attention) + head)
+
+
 def flops_per_token(model: ModelConfig, rule: str) -> float:
-    """FLOPs per training token of ``model`` under ``rule`` (kaplan, total or chinchilla)."""
+    """FLOPs per training token of ``model`` under ``rule`` (kaplan, total, chinchilla or exact)."""
     m = model
     if rule == "kaplan":
         return flops_per_token_kaplan(m.n_layer, m.n_embd)
@@ -74,6 +99,8 @@ def flops_per_token(model: ModelConfig, rule: str) -> float:
         return flops_per_token_total(m.n_layer, m.n_embd, m.n_vocab, m.block_size)
     if rule == "chinchilla":
         return flops_per_token_chinchilla(m.n_layer, m.n_head, m.n_embd, m.n_vocab, m.block_size)
+    if rule == "exact":
+        return flops_per_token_exact(m.n_layer, m.n_head, m.n_embd, m.n_vocab, m.block_size)
     raise ValueError(f"parameter 'flops_rule': got {rule!r}; allowed: one of {', '.join(FLOPS_RULES)}")
 
 
