@@ -502,6 +502,42 @@ def a3_vector(fit: ChinchillaFit) -> np.ndarray:
     return np.array([math.log(fit.A), math.log(fit.B), math.log(fit.E), fit.alpha, fit.beta])
 
 
+def a3_starts(N: Sequence[float], D: Sequence[float], loss: Sequence[float], fit: ChinchillaFit, n: int = 4,
+              pool: int = 32, delta: float = HUBER_DELTA, tol: float = 1e-3) -> list[np.ndarray]:
+    """Starts for multi-start bootstrap refits of Approach 3 (``approach3(..., starts=0, init=a3_starts(...))``):
+    the full-data fit's vector first, then up to ``n - 1`` other local minima of the full-data objective, best
+    first, reached by L-BFGS from the ``pool`` best points of Hoffmann's grid (computed once here, not per refit).
+    A minimum counts as distinct when its predicted log loss differs from every start kept by more than ``tol``
+    at some run (minima that differ only in a parameter the data cannot see, e.g. A on a plateau where the
+    A/N^α term is negligible, are one start). Fewer than ``n`` come back when the data have fewer distinct
+    minima. Starting each refit at minima rather than at raw grid points keeps it to a few short L-BFGS runs."""
+    if n < 1 or pool < 0:
+        raise FitError("n", n, "at least 1 start (and pool >= 0)")
+    lN, lD, lL = _a3_points(N, D, loss)
+    bounds = [(-10, 60), (-10, 60), (-10, 10), (0, 5), (0, 5)]
+    P = _grid_points()
+    cand = []
+    with one_blas_thread():
+        for i in np.argsort(_grid_scores(P, lN, lD, lL, delta), kind="stable")[:pool]:
+            r = _lbfgs_best([P[i]], lN, lD, lL, delta, bounds)
+            cand.append((float(r.fun), r.x))
+    cand.sort(key=lambda c: c[0])
+
+    def pred(x: np.ndarray) -> np.ndarray:  # predicted log loss at every run
+        return np.logaddexp(np.logaddexp(x[0] - x[3] * lN, x[1] - x[4] * lD), x[2])
+
+    out = [a3_vector(fit)]
+    kept = [pred(out[0])]
+    for _, x in cand:
+        if len(out) >= n:
+            break
+        p = pred(x)
+        if all(np.max(np.abs(p - q)) > tol for q in kept):
+            out.append(np.asarray(x, dtype=float))
+            kept.append(p)
+    return out
+
+
 # --------------------------------------------------------------------------- bootstrap, cross-validation
 
 
