@@ -20,7 +20,6 @@ from scaling_lab import config, counting
 from scaling_lab.cli import main_search as main
 from scaling_lab.counting import chinchilla_n, kaplan_n
 from scaling_lab.isoflop import (
-    LADDER,
     SEARCH_FIELDS,
     batch_for,
     model_at,
@@ -76,7 +75,7 @@ def test_published_allocations_and_budget_plan():
         tokens = counting.tokens_for_flops(cfg.model, 1e12, "total")
         assert 1e12 - (step_tokens + 1) * per_token <= (tokens // step_tokens) * step_tokens * per_token <= 1e12
         assert scfg.batch_min <= cfg.train.batch_size == batch_for(tokens, scfg) <= scfg.batch_max
-        assert cfg.model.n_embd == LADDER[rung]
+        assert cfg.model.n_embd == model_at(rung, scfg.data.vocab_size, scfg.block_size).n_embd
 
 
 def test_mlproject_search_entry_matches_search_config():
@@ -149,7 +148,7 @@ def test_tiny_search_studies_seeds_and_child_runs(tiny_search, store, capsys):
 
 
 def test_pruned_trial_recorded_pruned_with_partial_curve(tiny_search, store):
-    scfg = resolve_search({**tiny_search, "budgets": "2e9", "pad": "0"})
+    scfg = resolve_search({**tiny_search, "budgets": "6e9", "pad": "0"})
     run_search(scfg, pruner=optuna.pruners.ThresholdPruner(upper=0.0))  # any positive loss prunes at 10%
     study = next(iter(_studies(tiny_search["storage"]).values()))
     trials = study.get_trials()

@@ -407,7 +407,8 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-RULE_NAMES = {"kaplan": "6N (Kaplan)", "total": "6N_total", "chinchilla": "Hoffmann App. F"}
+RULE_NAMES = {"kaplan": "6N (Kaplan)", "total": "6N_total", "chinchilla": "Hoffmann App. F",
+              "exact": "matmuls incl. head and attention"}
 
 
 def format_plan(cfg: RunConfig, est: Estimate) -> str:

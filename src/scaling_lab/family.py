@@ -11,13 +11,13 @@ Design
     widths 8, 12, 16, 20, 24, 28; 12, 20 and 28 do not split into 8-dim heads. The 32-dim band between the
     16- and 64-dim ones keeps the width grain fine enough for sqrt(2) steps where N ~ 12 L d^2.
   * Depth: a step function of N_total (``depth_for``): 2 layers below 2^21 (2.1M), 4 below 2^24 (16.8M), 8
-    below 2^27 (134M), 16 beyond. So it changes twice over 5k..67M, and never inside the CPU range where
+    below 2^27 (134M), 16 beyond. So it changes three times over 5k..1.07B, and never inside the CPU range where
     isoFLOP minima sit (N_total ~ 10k-200k at 513 rows, block 64: all 2-layer). Each band spans 8x in N_total,
     5-7 sizes. At least 2 layers: 1-layer models fall off the trend of L(N) (Kaplan et al. 2020, Sec. 3.1,
     Fig. 6). At vocab 257-513 this gives d_model / n_layer from ~50 to ~120 above d = 100 (loss is flat
     within a few percent over such aspect ratios, Kaplan et al. 2020, Fig. 5); GPT-2 small is 64.
   * Sizes: all widths 8..4096 at the depth of their band are the candidates; the ladder is the path from the
-    smallest (d = 8, 2 layers) to the one nearest ``N_MAX`` = 2^26 (67M) whose neighbour ratios lie in
+    smallest (d = 8, 2 layers) to the one nearest ``N_MAX`` = 2^30 (1.07B) whose neighbour ratios lie in
     [``R_MIN``, ``R_MAX``] = [1.2, 1.6] and are as close to sqrt(2) as the integer widths allow (least squares
     of log ratio - log sqrt(2), a shortest path). Placing each size independently at the nearest width to a
     grid point 2^(k/2) adds two rounding errors per ratio and leaves 1.23 and 1.68 steps at 513 rows; the
@@ -65,7 +65,7 @@ from scaling_lab.counting import n_params_nonembed, n_params_total
 HEAD_DIMS = ((32, 4), (128, 8), (256, 16), (512, 32))  # (width below, head dim); 64 from 512 on
 DEPTHS = ((2**21, 2), (2**24, 4), (2**27, 8))  # (N_total below, n_layer); 16 beyond
 MIN_WIDTH, MAX_WIDTH = 8, 4096
-N_MAX = 2**26  # the ladder ends at the size nearest 67M parameters
+N_MAX = 2**30  # the ladder ends at the size nearest 1.07B parameters (full mode needs ~100M)
 R_MIN, R_MAX = 1.2, 1.6  # neighbour ratio N_total[i+1] / N_total[i]
 R_FIRST = 1.85  # the step from the smallest size (see the module docstring)
 STEP = math.log(math.sqrt(2.0))  # wanted log ratio between neighbours

@@ -11,13 +11,15 @@ Kaplan et al. (2020) and the size Hoffmann et al. (2022) predict for C (anchors,
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from scaling_lab import config, counting
+from scaling_lab import config, counting, family
 from scaling_lab.config import DataConfig, ModelConfig, RunConfig, TrainConfig, n_vocab_for
 from scaling_lab.errors import ConfigError
 
@@ -29,30 +31,67 @@ FRACTIONS = 10  # intermediate losses reported at k/10 of the budget, k = 1..10
 
 # --------------------------------------------------------------------------- the model family
 
-# Widths d_model searched, about x1.4 apart. Depth and heads follow from the width (shape_for).
-LADDER = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 
-
-def shape_for(n_embd: int) -> tuple[int, int]:
-    """(n_layer, n_head) for a width: depth grows with log2 of width for small models (1 layer at d <= 16,
-    4 at d = 128, as in the CPU probes) and as d/64 for large ones (GPT-2 small: d = 768, 12 layers);
-    heads of 16 dims below d = 256, of 64 dims from there on."""
-    n_layer = max(1, round(math.log2(n_embd / 8)), round(n_embd / 64))
-    n_head = max(1, n_embd // 64) if n_embd >= 256 else max(1, n_embd // 16)
-    return n_layer, n_head
+def shapes(vocab_size: int, block_size: int) -> tuple[family.Shape, ...]:
+    """The family's sizes for this vocabulary and context (``scaling_lab.family``: ~sqrt(2) apart in N_total)."""
+    return family.family(n_vocab_for(vocab_size), block_size)
 
 
 def model_at(rung: int, vocab_size: int, block_size: int) -> ModelConfig:
-    """The model of ladder position ``rung``."""
-    d = LADDER[rung]
-    n_layer, n_head = shape_for(d)
-    return ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=d, block_size=block_size, n_vocab=n_vocab_for(vocab_size))
+    """The model of family position ``rung``."""
+    s = shapes(vocab_size, block_size)[rung]
+    return ModelConfig(n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd, block_size=block_size,
+                       n_vocab=n_vocab_for(vocab_size))
 
 
 def nearest_rung(target: float, sizes: list[float]) -> int:
-    """Ladder position whose size is nearest to ``target`` on a log scale."""
+    """Family position whose size is nearest to ``target`` on a log scale."""
     t = math.log(max(target, 1.0))
     return min(range(len(sizes)), key=lambda i: abs(math.log(sizes[i]) - t))
+
+
+# --------------------------------------------------------------------------- hyper-parameters per size
+
+N_REF, D_REF = 1e5, 1e6  # reference N_total and tokens of the rule's coefficients
+
+
+@dataclass(frozen=True)
+class HyperRule:
+    """Learning rate and batch of a trial from its size and tokens: lr = lr_coef·(N_total/1e5)^lr_exp and
+    batch = batch_coef·(D/1e6)^batch_exp sequences, rounded to a power of two within batch_min..batch_max."""
+
+    lr_coef: float
+    """Peak AdamW learning rate at N_total = 1e5."""
+    lr_exp: float
+    """Exponent of lr in N_total (0: one learning rate for every size)."""
+    batch_coef: float
+    """Batch in sequences at D = 1e6 training tokens."""
+    batch_exp: float
+    """Exponent of the batch in D (1: a fixed number of steps per run)."""
+    source: str = "fixed"
+    """Where the rule comes from: 'fixed' (train.lr and steps_target) or the tuning that fitted it."""
+
+    def lr_for(self, n_params_total: float) -> float:
+        return float(self.lr_coef * (n_params_total / N_REF) ** self.lr_exp)
+
+    def batch_for(self, tokens: float, batch_min: int, batch_max: int) -> int:
+        want = self.batch_coef * (max(tokens, 1.0) / D_REF) ** self.batch_exp
+        b = 2 ** round(math.log2(max(want, 1e-9)))
+        return int(min(batch_max, max(batch_min, b)))
+
+    @classmethod
+    def from_json(cls, path: str) -> HyperRule:
+        """A rule written by the ``tune`` entry point (its ``rule`` object), or ConfigError naming hparams."""
+        try:
+            raw = json.loads(Path(path).read_text())["rule"]
+            return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError("hparams", path, f"fixed, tuned, or a tuning JSON written by the tune entry point "
+                              f"({type(exc).__name__}: {exc})") from None
+
+
+# Fitted rules shipped with a mode ('hparams=tuned'); provenance (command, machine, date) in docs/tuning.md.
+TUNED: dict[str, HyperRule] = {}
 
 
 # --------------------------------------------------------------------------- configuration
@@ -93,9 +132,18 @@ class SearchConfig:
     pad_below: int = 0
     """Sizes searched below the smaller seeded size (widening adds more when the best is the smallest)."""
     widen: int = 2
-    """Extra sizes tried, one at a time, when the best size is at an edge of the range."""
+    """Extra sizes tried, one at a time, while fewer than ``bracket`` COMPLETE sizes lie on a side of the best."""
+    bracket: int = 2
+    """COMPLETE sizes wanted on each side of the best (lowest mean loss) size; pruning never stops a trial within
+    this many sizes of the current best."""
+    replicas: int = 0
+    """Extra seeds (seed + 1, seed + 2, ...) trained for the best size and its two neighbours, each its own child
+    run: the analysis averages them and measures the seed-to-seed noise."""
+    hparams: str = "fixed"
+    """Learning rate and batch per trial: fixed (train.lr for every size; batch from steps_target), tuned (the
+    rule fitted for this mode, docs/tuning.md), or a tuning JSON written by the tune entry point."""
     steps_target: int = 2000
-    """Batch rule: batch_size = D / (steps_target * block_size) as a power of two, clipped to batch_min..batch_max."""
+    """hparams=fixed: batch_size = D / (steps_target * block_size) as a power of two within batch_min..batch_max."""
     batch_min: int = 1
     """Smallest batch in sequences."""
     batch_max: int = 512
@@ -119,7 +167,7 @@ class SearchConfig:
             raise ConfigError("study_prefix", self.study_prefix, "a non-empty name without spaces")
         config.choice("sampler", self.sampler, SAMPLERS)
         config.choice("pruner", self.pruner, PRUNERS)
-        for name in ("prune_warmup", "prune_startup", "pad", "pad_below", "widen"):
+        for name in ("prune_warmup", "prune_startup", "pad", "pad_below", "widen", "bracket", "replicas"):
             config.positive_int(name, getattr(self, name), allow_zero=True)
         for name in ("workers", "steps_target", "batch_min", "batch_max", "block_size"):
             config.positive_int(name, getattr(self, name))
@@ -127,6 +175,7 @@ class SearchConfig:
             raise ConfigError("batch_max", self.batch_max, f">= batch_min={self.batch_min}")
         if self.trials == 1:
             raise ConfigError("trials", self.trials, "0 (the mode's) or at least 2 (the two seeded trials)")
+        self.hyper_rule()  # validates hparams
         if self.workers > 1 and self.storage.startswith("sqlite"):
             raise ConfigError("workers", self.workers, "1 with SQLite storage; several workers need a server "
                               "storage such as postgresql://user:pw@host/db (see docs/search.md)")
@@ -140,6 +189,17 @@ class SearchConfig:
     def seed(self) -> int:
         """Seed of the sampler and of every trial's training (same data order for every size)."""
         return self.train.seed
+
+    def hyper_rule(self) -> HyperRule:
+        """The learning-rate and batch rule every trial uses (see ``hparams``)."""
+        if self.hparams == "fixed":
+            return HyperRule(self.train.lr, 0.0, D_REF / (self.steps_target * self.block_size), 1.0, "fixed")
+        if self.hparams == "tuned":
+            if self.mode not in TUNED:
+                raise ConfigError("hparams", self.hparams, f"fixed or a tuning JSON (no tuned rule ships for mode "
+                                  f"{self.mode}; modes with one: {', '.join(TUNED) or 'none yet'})")
+            return TUNED[self.mode]
+        return HyperRule.from_json(self.hparams)
 
     def budget_list(self) -> list[float]:
         """The budgets as floats, validated: positive, finite, distinct."""
@@ -160,7 +220,7 @@ class SearchConfig:
 # Presets. quick: ~30 min on 2 CPU cores (docs/search.md has the measured time and the reasons for
 # the batch rule and the vocabulary). tiny: seconds per trial, for tests.
 SEARCH_MODES: dict[str, dict[str, Any]] = {
-    "tiny": dict(budgets="2e9,6e9", sampler="grid", pad=1, widen=0, steps_target=40, batch_min=1, batch_max=64,
+    "tiny": dict(budgets="6e9,1.8e10", sampler="grid", pad=1, widen=0, steps_target=40, batch_min=1, batch_max=64,
                  block_size=64, vocab_size=256, eval_tokens=2048, lr=3e-3, prune_startup=2, prune_warmup=5,
                  dtype="fp32"),
     "quick": dict(budgets="3e10,1e11,3e11", sampler="grid", pad=1, widen=2, steps_target=2000, batch_min=1,
@@ -226,6 +286,8 @@ class BudgetPlan:
     """Kaplan's predicted N (non-embedding)."""
     chinchilla_n: float
     """Chinchilla's predicted N (total)."""
+    widths: list[int] = field(default_factory=list)
+    """n_embd of every family position (for messages)."""
 
     @property
     def seeds(self) -> list[tuple[str, int]]:
@@ -244,7 +306,8 @@ def min_budget(model: ModelConfig, scfg: SearchConfig) -> float:
 def plan_budget(scfg: SearchConfig, budget: float) -> BudgetPlan:
     """Range of sizes for one budget: from pad_below under the smaller seeded size to pad above the larger,
     no larger than a size that gets MIN_STEPS steps."""
-    models = [model_at(r, scfg.data.vocab_size, scfg.block_size) for r in range(len(LADDER))]
+    models = [model_at(r, scfg.data.vocab_size, scfg.block_size) for r in range(len(shapes(scfg.data.vocab_size,
+                                                                                             scfg.block_size)))]
     if budget < min_budget(models[0], scfg):
         m = models[0]
         raise ConfigError("budgets", f"{budget:g}", f"budgets >= {min_budget(m, scfg):.3g} FLOPs: the smallest model "
@@ -256,23 +319,24 @@ def plan_budget(scfg: SearchConfig, budget: float) -> BudgetPlan:
     nk, nc = counting.kaplan_n(budget), counting.chinchilla_n(budget)
     rk, rc = min(nearest_rung(nk, nonembed), cap), min(nearest_rung(nc, total), cap)
     lo, hi = max(0, min(rk, rc) - scfg.pad_below), min(cap, max(rk, rc) + scfg.pad)
-    return BudgetPlan(budget, study_name(scfg, budget), lo, hi, cap, rk, rc, nk, nc)
+    return BudgetPlan(budget, study_name(scfg, budget), lo, hi, cap, rk, rc, nk, nc, [m.n_embd for m in models])
 
 
 def batch_for(tokens: float, scfg: SearchConfig) -> int:
-    """Batch rule: sequences per step so a run takes about steps_target steps (power of two, clipped)."""
-    want = tokens / (scfg.steps_target * scfg.block_size)
-    b = 2 ** round(math.log2(max(want, 1e-9)))
-    return int(min(scfg.batch_max, max(scfg.batch_min, b)))
+    """The batch (sequences per step) of a trial training ``tokens`` tokens, from the search's rule."""
+    return scfg.hyper_rule().batch_for(tokens, scfg.batch_min, scfg.batch_max)
 
 
-def trial_config(scfg: SearchConfig, budget: float, rung: int, run_name: str = "") -> RunConfig:
-    """The training configuration of the trial at ladder position ``rung`` for budget C: the family's shape,
-    the search's data and training settings, D from C under flops_rule, and the batch rule's batch."""
+def trial_config(scfg: SearchConfig, budget: float, rung: int, run_name: str = "", replica: int = 0) -> RunConfig:
+    """The training configuration of the trial at family position ``rung`` for budget C: the family's shape,
+    the search's data and training settings, D from C under flops_rule, lr and batch from the search's rule.
+    ``replica`` k > 0 is the same size with seed + k (new initialisation and data order)."""
     m = model_at(rung, scfg.data.vocab_size, scfg.block_size)
-    b = batch_for(counting.tokens_for_flops(m, budget, scfg.flops_rule), scfg)
+    rule = scfg.hyper_rule()
+    b = rule.batch_for(counting.tokens_for_flops(m, budget, scfg.flops_rule), scfg.batch_min, scfg.batch_max)
+    lr = rule.lr_for(counting.n_params_total(m.n_layer, m.n_embd, m.n_vocab, m.block_size))
     train = dataclasses.replace(scfg.train, tokens=0, flops=budget, batch_size=b, micro_batch=b, eval_every=0,
-                                resume="")
+                                resume="", lr=lr, seed=scfg.train.seed + replica)
     return RunConfig(mode=scfg.mode, experiment=scfg.experiment, run_name=run_name, data=scfg.data, model=m,
                      train=train)
 
@@ -281,8 +345,18 @@ def trial_config(scfg: SearchConfig, budget: float, rung: int, run_name: str = "
 
 
 def rung_of(t: Any) -> int | None:
-    """Ladder position of an Optuna trial (its param, or the fixed param of a queued one)."""
+    """Family position of an Optuna trial (its param, or the fixed param of a queued one)."""
     return t.params.get("rung", t.system_attrs.get("fixed_params", {}).get("rung"))
+
+
+def replica_of(t: Any) -> int:
+    """0 for a size's first trial, k for its k-th extra seed."""
+    return int(t.user_attrs.get("replica", 0))
+
+
+def key_of(t: Any) -> tuple[int | None, int]:
+    """(family position, replica): what a trial trains; a study trains each key once."""
+    return rung_of(t), replica_of(t)
 
 
 @dataclass
@@ -296,15 +370,26 @@ class BudgetResult:
     n_opt_nonembed: float = float("nan")
     d_opt: float = float("nan")
     best_loss: float = float("nan")
+    """Mean final val/loss over the best size's COMPLETE trials (its seeds)."""
     best_allocation: str = ""
     best_n_embd: int = 0
+    best_rung: int = -1
     kaplan_loss: float = float("nan")
     chinchilla_loss: float = float("nan")
     kaplan_state: str = "missing"
     chinchilla_state: str = "missing"
     winner: str = ""
     edge: str = "none"
+    """none when ``bracket`` COMPLETE sizes lie on each side of the best; else the short side."""
+    below: int = 0
+    """COMPLETE sizes smaller than the best."""
+    above: int = 0
+    """COMPLETE sizes larger than the best."""
     note: str = ""
+    seed_std: float = float("nan")
+    """Pooled seed-to-seed standard deviation of the final loss (sizes with 2+ COMPLETE seeds)."""
+    max_epochs: float = float("nan")
+    """Most passes over the train split of any trial."""
     n_searched: list[float] = field(default_factory=list)
     trials: dict[str, int] = field(default_factory=dict)
 
@@ -313,29 +398,55 @@ class BudgetResult:
         return self.d_opt / self.n_opt if self.n_opt else float("nan")
 
 
-def summarize(study, plan: BudgetPlan, parent_run_id: str) -> BudgetResult:
-    """Best size, the two seeded results, the winner and whether the best sits at an edge of the range."""
+def size_means(trials: list[Any]) -> dict[int, list[float]]:
+    """{family position: final losses of its COMPLETE trials (all seeds)}."""
+    out: dict[int, list[float]] = {}
+    for t in trials:
+        if t.state.name == "COMPLETE" and t.value is not None and math.isfinite(t.value) and rung_of(t) is not None:
+            out.setdefault(rung_of(t), []).append(t.value)
+    return out
+
+
+def pooled_std(groups: list[list[float]]) -> float:
+    """Pooled sample standard deviation over groups of 2 or more values (NaN when there are none)."""
+    ss = sum(sum((x - sum(g) / len(g)) ** 2 for x in g) for g in groups if len(g) > 1)
+    dof = sum(len(g) - 1 for g in groups if len(g) > 1)
+    return math.sqrt(ss / dof) if dof else float("nan")
+
+
+def summarize(study: Any, plan: BudgetPlan, parent_run_id: str, bracket: int = 2) -> BudgetResult:
+    """Best size (lowest mean loss over its COMPLETE seeds), whether ``bracket`` COMPLETE sizes lie on each side of
+    it (PRUNED trials never count: the analysis fits COMPLETE ones only), the seeded results and the winner."""
     trials = study.get_trials(deepcopy=False)
     res = BudgetResult(plan.budget, plan.study_name, parent_run_id)
     res.trials = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")}
-    done = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None and math.isfinite(t.value)]
     res.n_searched = sorted({t.user_attrs.get("n_params_total") for t in trials if "n_params_total" in t.user_attrs})
-    if done:
-        best = min(done, key=lambda t: t.value)
+    epochs = [t.user_attrs["epochs"] for t in trials if "epochs" in t.user_attrs]
+    res.max_epochs = max(epochs) if epochs else float("nan")
+    means = size_means(trials)
+    res.seed_std = pooled_std(list(means.values()))
+    if means:
+        best_rung = min(means, key=lambda r: sum(means[r]) / len(means[r]))
+        best = next(t for t in trials if t.state.name == "COMPLETE" and rung_of(t) == best_rung)
         ua = best.user_attrs
         res.n_opt, res.n_opt_nonembed, res.d_opt = ua["n_params_total"], ua["n_params"], ua["tokens_trained"]
-        res.best_loss, res.best_allocation, res.best_n_embd = best.value, ua.get("allocation", "search"), ua["n_embd"]
-        rungs = [rung_of(t) for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
-        if rung_of(best) == min(rungs) and min(rungs) == plan.lo:
+        res.best_loss = sum(means[best_rung]) / len(means[best_rung])
+        res.best_allocation, res.best_n_embd, res.best_rung = ua.get("allocation", "search"), ua["n_embd"], best_rung
+        res.below = sum(r < best_rung for r in means)
+        res.above = sum(r > best_rung for r in means)
+        if res.below < bracket:
             res.edge = "smallest"
-        elif rung_of(best) == max(rungs) and max(rungs) == plan.hi:
+        elif res.above < bracket:
             res.edge = "largest"
-        else:  # inside: say whether a neighbour side is known only from pruned trials (stopped early)
-            sides = {"smaller": [t for t in trials if t.state.name in ("COMPLETE", "PRUNED") and rung_of(t) < rung_of(best)],
-                     "larger": [t for t in trials if t.state.name in ("COMPLETE", "PRUNED") and rung_of(t) > rung_of(best)]}
-            only_pruned = [k for k, ts in sides.items() if all(t.state.name == "PRUNED" for t in ts)]
-            if only_pruned:
-                res.note = " and ".join(only_pruned) + " sizes known only from pruned trials (worse at equal compute)"
+        pruned = sorted({rung_of(t) for t in trials if t.state.name == "PRUNED"} - set(means))
+        if pruned:
+            res.note = f"{len(pruned)} size(s) known only from pruned trials (not counted)"
+    _seeded(res, trials)
+    return res
+
+
+def _seeded(res: BudgetResult, trials: list[Any]) -> None:
+    """The Kaplan- and Chinchilla-seeded trials' states and losses, and the lower of the two."""
     for alloc in ("kaplan", "chinchilla"):
         seeded = [t for t in trials if t.user_attrs.get("allocation") == alloc and t.state.name != "WAITING"]
         seeded.sort(key=lambda t: (t.state.name != "COMPLETE", t.number))
@@ -348,7 +459,6 @@ def summarize(study, plan: BudgetPlan, parent_run_id: str) -> BudgetResult:
     if math.isfinite(k) or math.isfinite(c):
         k, c = (k if math.isfinite(k) else math.inf), (c if math.isfinite(c) else math.inf)
         res.winner = "tie" if k == c else ("kaplan" if k < c else "chinchilla")
-    return res
 
 
 def _fmt_n(x: float) -> str:
@@ -366,17 +476,20 @@ def _fmt_loss(x: float, state: str) -> str:
 
 def table(results: list[BudgetResult], rule: str) -> str:
     """The closing table: one row per budget."""
-    head = ["budget C", "N_opt", "D_opt", "D/N", "best loss", "kaplan loss", "chinchilla loss", "winner", "best at"]
+    head = ["budget C", "N_opt", "D_opt", "D/N", "best loss", "kaplan loss", "chinchilla loss", "winner", "best at",
+            "epochs"]
     rows = []
     for r in results:
         where = {"none": "inside", "smallest": "EDGE (smallest)", "largest": "EDGE (largest)"}[r.edge]
+        where += f" {r.below}|{r.above}"
         rows.append([f"{r.budget:.3g}", _fmt_n(r.n_opt), _fmt_n(r.d_opt), f"{r.tokens_per_param:.1f}"
                      if math.isfinite(r.tokens_per_param) else "-", _fmt_loss(r.best_loss, "none"),
                      _fmt_loss(r.kaplan_loss, r.kaplan_state), _fmt_loss(r.chinchilla_loss, r.chinchilla_state),
-                     r.winner or "-", where])
+                     r.winner or "-", where, f"{r.max_epochs:.1f}" if math.isfinite(r.max_epochs) else "-"])
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
     fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
     lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(row) for row in rows]
-    lines.append(f"N = all parameters (embeddings included); C under the '{rule}' rule; "
-                 "winner = the lower of the two seeded trials' losses.")
+    lines.append(f"N = all parameters (embeddings included); C under the '{rule}' rule; best = lowest mean loss over "
+                 "a size's seeds; best at: COMPLETE sizes below|above it; epochs: most passes over the train split; "
+                 "winner = the lower of the two seeded anchors' losses (anchors, not a test of 0.73 against 0.50).")
     return "\n".join(lines)

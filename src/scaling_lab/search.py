@@ -34,13 +34,13 @@ from scaling_lab.errors import Interrupted, StopTraining, WorkersDied
 from scaling_lab.estimate import Estimate, estimate_run, fmt_seconds
 from scaling_lab.isoflop import (
     FRACTIONS,
-    LADDER,
     BudgetPlan,
     BudgetResult,
     SearchConfig,
     _fmt_n,
+    key_of,
     plan_budget,
-    rung_of,
+    replica_of,
     summarize,
     table,
     trial_config,
@@ -48,6 +48,7 @@ from scaling_lab.isoflop import (
 from scaling_lab.studies import ACTIVE, HEARTBEAT_S, StudyLock, count
 from scaling_lab.train import train
 
+MAX_EPOCHS = 4  # Muennighoff et al. 2023 ("Scaling Data-Constrained LMs"): up to ~4 epochs cost almost nothing
 POLL_S = 2.0  # how often an idle worker looks at the study again while other workers' trials run (s)
 
 # --------------------------------------------------------------------------- the objective
@@ -63,20 +64,23 @@ class Objective:
         scfg, plan = self.scfg, self.plan
         lo, hi = trial.study.user_attrs.get("range_lo", plan.lo), trial.study.user_attrs.get("range_hi", plan.hi)
         rung = trial.suggest_int("rung", lo, hi)
-        allocation = trial.user_attrs.get("allocation", "search")
-        cfg = trial_config(scfg, plan.budget, rung)
+        allocation, replica = trial.user_attrs.get("allocation", "search"), replica_of(trial)
+        cfg = trial_config(scfg, plan.budget, rung, replica=replica)
         m = cfg.model
-        cfg.run_name = f"{plan.study_name}-t{trial.number}-{allocation}-L{m.n_layer}-d{m.n_embd}"
+        cfg.run_name = (f"{plan.study_name}-t{trial.number}-{allocation}-L{m.n_layer}-d{m.n_embd}"
+                        + (f"-seed{cfg.train.seed}" if replica else ""))
         tplan = make_plan(cfg)
         info = {"allocation": allocation, "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head,
                 "n_params": tplan.counts["n_params"], "n_params_total": tplan.counts["n_params_total"],
-                "tokens_trained": tplan.tokens_trained, "batch_size": cfg.train.batch_size, "steps": tplan.steps}
+                "tokens_trained": tplan.tokens_trained, "batch_size": cfg.train.batch_size, "steps": tplan.steps,
+                "lr": cfg.train.lr, "seed": cfg.train.seed, "replica": replica}
         info["worker"] = f"{socket.gethostname()}:{os.getpid()}"  # who ran it (a killed worker is named)
         for k, v in info.items():
             trial.set_user_attr(k, v)
         tags = {"scaling_lab.kind": "trial", "study": plan.study_name, "budget": f"{plan.budget:g}",
                 "flops_rule": scfg.flops_rule, "trial_number": trial.number, "allocation": allocation,
-                "storage": tracking.masked(scfg.storage)}
+                "storage": tracking.masked(scfg.storage), "replica": replica, "seed": cfg.train.seed,
+                "hparams": scfg.hyper_rule().source}
         twin = _finished_twin(trial, rung)
         if twin is not None:  # same size already trained (e.g. both seeds at one size): reuse its result
             with tracking.run(scfg.experiment, cfg.run_name, parent_run_id=self.parent_run_id, tags=tags,
@@ -85,6 +89,8 @@ class Objective:
                 log.set_tags({"duplicate_of": twin.number, "trial_state": twin.state.name})
                 if twin.state.name == "COMPLETE":
                     log.log_metrics({"final/val_loss": twin.value}, step=0)
+            for step, value in sorted(twin.intermediate_values.items()):  # its curve, so pruners compare alike
+                trial.report(value, step)
             if twin.state.name != "COMPLETE":
                 tracking.end_pruned_run(log.run_id, f"same size as pruned trial {twin.number}")
                 raise optuna.TrialPruned(f"same size as pruned trial {twin.number}")
@@ -112,6 +118,7 @@ class Objective:
                 log.set_tags({"trial_state": "FAIL"})
                 raise
             state = "PRUNED" if result.stopped_early else "COMPLETE"
+            trial.set_user_attr("epochs", result.epochs)
             log.set_tags({"trial_state": state})
             run_id = log.run_id
         if state == "PRUNED":
@@ -121,9 +128,11 @@ class Objective:
         return result.val_loss
 
 
-def _finished_twin(trial, rung: int):
+def _finished_twin(trial: optuna.Trial, rung: int) -> optuna.trial.FrozenTrial | None:
+    """A finished trial of the same size and replica (e.g. both anchors at one size), or None."""
+    key = (rung, replica_of(trial))
     for t in trial.study.get_trials(deepcopy=False):
-        if t.number != trial.number and t.state.name in ("COMPLETE", "PRUNED") and t.params.get("rung") == rung:
+        if t.number != trial.number and t.state.name in ("COMPLETE", "PRUNED") and key_of(t) == key:
             return t
     return None
 
@@ -234,11 +243,12 @@ def log_parent(plog: tracking.RunLogger, study: optuna.Study, plan: BudgetPlan, 
                "best/tokens_per_param": res.tokens_per_param, "best/val_loss": res.best_loss,
                "kaplan/val_loss": res.kaplan_loss, "chinchilla/val_loss": res.chinchilla_loss,
                "trials/complete": res.trials.get("COMPLETE", 0), "trials/pruned": res.trials.get("PRUNED", 0),
-               "trials/failed": res.trials.get("FAIL", 0)}
+               "trials/failed": res.trials.get("FAIL", 0), "best/sizes_below": res.below,
+               "best/sizes_above": res.above, "seed_noise/std": res.seed_std, "data/max_epochs": res.max_epochs}
     plog.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
                      step=finished)
     plog.set_tags({"winner": res.winner or "none", "best_allocation": res.best_allocation or "none",
-                   "edge": res.edge, "range_n_embd": f"{LADDER[plan.lo]}-{LADDER[plan.hi]}"})
+                   "edge": res.edge, "range_n_embd": f"{plan.widths[plan.lo]}-{plan.widths[plan.hi]}"})
     plog.flush()
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "loss_vs_n.png"
@@ -249,13 +259,13 @@ def log_parent(plog: tracking.RunLogger, study: optuna.Study, plan: BudgetPlan, 
 # --------------------------------------------------------------------------- the whole search
 
 
-def widen_once(study, plan: BudgetPlan, res: BudgetResult) -> bool:
-    """Extend the range by one size beyond the edge the best sits at; enqueue it unless another search
-    command already did. False when it cannot. Call under the study's lock."""
+def widen_once(study: optuna.Study, plan: BudgetPlan, res: BudgetResult) -> bool:
+    """Extend the range by one size on the short side of the best (fewer than ``bracket`` COMPLETE sizes there);
+    enqueue it unless another search command already did. False when it cannot. Call under the study's lock."""
     attrs = study.user_attrs  # another command may have widened first
+    old_lo, old_hi = plan.lo, plan.hi
     plan.lo, plan.hi = min(plan.lo, attrs.get("range_lo", plan.lo)), max(plan.hi, attrs.get("range_hi", plan.hi))
-    best = LADDER.index(res.best_n_embd)  # at the edge: the smallest or largest size finished
-    if (res.edge == "smallest" and plan.lo < best) or (res.edge == "largest" and plan.hi > best):
+    if (res.edge == "smallest" and plan.lo < old_lo) or (res.edge == "largest" and plan.hi > old_hi):
         return True  # widened by another command: its new size is queued, running or done
     if res.edge == "smallest" and plan.lo > 0:
         plan.lo -= 1
@@ -267,40 +277,57 @@ def widen_once(study, plan: BudgetPlan, res: BudgetResult) -> bool:
         return False
     study.set_user_attr("range_lo", plan.lo)
     study.set_user_attr("range_hi", plan.hi)
-    if new not in {rung_of(t) for t in study.get_trials(deepcopy=False) if t.state.name in ACTIVE}:
+    if (new, 0) not in {key_of(t) for t in study.get_trials(deepcopy=False) if t.state.name in ACTIVE}:
         study.enqueue_trial({"rung": new}, user_attrs={"allocation": "search", "widened": True})
     return True
 
 
-def _run_budget(scfg: SearchConfig, plan: BudgetPlan, study, plog, target: int, bar, out, pruner,
-                lock: StudyLock) -> BudgetResult:
-    """One budget: its trials (here, or in ``workers`` processes), widening while the best size sits at an
-    edge of the range, then the result on the study's parent run."""
+def _trials_until(scfg: SearchConfig, plan: BudgetPlan, study: optuna.Study, plog: tracking.RunLogger, target: int,
+                  bar: tqdm, out: TextIO, pruner: optuna.pruners.BasePruner | None) -> None:
+    """Run the study's queued trials until it has ``target`` finished ones (here, or in ``workers`` processes)."""
 
-    def tick(s) -> None:
+    def tick(st: optuna.Study) -> None:
         bar.update(1)
-        b = [t for t in s.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+        b = [t for t in st.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
         if b:
             t = min(b, key=lambda t: t.value)
             bar.set_postfix_str(f"C={plan.budget:.0e} best {t.value:.3f} @ d={t.user_attrs['n_embd']}")
 
+    if scfg.workers == 1:
+        optimize_loop(scfg, plan, plog.run_id, target, study._storage, pruner, on_trial=tick)
+    else:
+        run_workers(scfg, plan, plog.run_id, target, study, bar, out)
+
+
+def _retarget(scfg: SearchConfig, plan: BudgetPlan, study: optuna.Study, bar: tqdm, target: int) -> int:
+    new_target = studies.target_trials(scfg, plan, study) if scfg.sampler == "grid" else target + 1
+    bar.total += max(0, new_target - target)
+    bar.refresh()
+    return new_target
+
+
+def _run_budget(scfg: SearchConfig, plan: BudgetPlan, study: optuna.Study, plog: tracking.RunLogger, target: int,
+                bar: tqdm, out: TextIO, pruner: optuna.pruners.BasePruner | None, lock: StudyLock) -> BudgetResult:
+    """One budget: its trials; widening, one size at a time (at most ``widen``), until ``bracket`` COMPLETE sizes
+    lie on each side of the best; then ``replicas`` extra seeds of the best size and its two neighbours; then the
+    result on the study's parent run."""
     for rounds in range(scfg.widen + 1):
-        if scfg.workers == 1:
-            optimize_loop(scfg, plan, plog.run_id, target, study._storage, pruner, on_trial=tick)
-        else:
-            run_workers(scfg, plan, plog.run_id, target, study, bar, out)
-        res = summarize(study, plan, plog.run_id)
+        _trials_until(scfg, plan, study, plog, target, bar, out, pruner)
+        res = summarize(study, plan, plog.run_id, scfg.bracket)
         if res.edge == "none" or rounds == scfg.widen:
             break
         with lock:
             if not widen_once(study, plan, res):
                 break
-        new_target = studies.target_trials(scfg, plan, study) if scfg.sampler == "grid" else target + 1
-        bar.total += max(0, new_target - target)
-        target = new_target
-        bar.refresh()
-        print(f"  {plan.study_name}: best size is the {res.edge} searched; widening to "
-              f"n_embd {LADDER[plan.lo]}..{LADDER[plan.hi]}", file=out)
+        target = _retarget(scfg, plan, study, bar, target)
+        print(f"  {plan.study_name}: {res.below} COMPLETE size(s) below and {res.above} above the best "
+              f"(want {scfg.bracket}); widening to n_embd {plan.widths[plan.lo]}..{plan.widths[plan.hi]}", file=out)
+    if scfg.replicas and res.best_rung >= 0:
+        with lock:
+            studies.enqueue_replicas(study, res.best_rung, scfg.replicas)
+        target = _retarget(scfg, plan, study, bar, target)
+        _trials_until(scfg, plan, study, plog, target, bar, out, pruner)
+        res = summarize(study, plan, plog.run_id, scfg.bracket)
     log_parent(plog, study, plan, res)
     return res
 
@@ -309,9 +336,9 @@ def _announce(scfg: SearchConfig, plans: list[BudgetPlan], out: TextIO) -> None:
     print(f"search: {len(plans)} studies in {tracking.masked(scfg.storage)}; sampler {scfg.sampler}, "
           f"{scfg.workers} worker(s)", file=out)
     for p in plans:
-        print(f"  {p.study_name}: n_embd {LADDER[p.lo]}..{LADDER[p.hi]}; seeds kaplan N={_fmt_n(p.kaplan_n)} "
-              f"(non-embedding) -> d={LADDER[p.kaplan_rung]}, chinchilla N={_fmt_n(p.chinchilla_n)} -> "
-              f"d={LADDER[p.chinchilla_rung]}", file=out)
+        print(f"  {p.study_name}: n_embd {p.widths[p.lo]}..{p.widths[p.hi]}; seeds kaplan N={_fmt_n(p.kaplan_n)} "
+              f"(non-embedding) -> d={p.widths[p.kaplan_rung]}, chinchilla N={_fmt_n(p.chinchilla_n)} -> "
+              f"d={p.widths[p.chinchilla_rung]}", file=out)
 
 
 def _study_budget(scfg: SearchConfig, plan: BudgetPlan, study: optuna.Study, bar: tqdm, out: TextIO,
@@ -347,10 +374,14 @@ def _study_budget(scfg: SearchConfig, plan: BudgetPlan, study: optuna.Study, bar
 def _closing_lines(results: list[BudgetResult]) -> list[str]:
     lines = []
     for r in results:
+        if r.max_epochs > MAX_EPOCHS:
+            lines.append(f"WARNING: at C={r.budget:.3g} a trial passed over its train split {r.max_epochs:.1f} times "
+                         f"(more than {MAX_EPOCHS}: repeated data no longer costs almost nothing, Muennighoff et al. "
+                         "2023); use more text (a larger dataset or train_split) for budgets this large.")
         if r.edge != "none":
-            lines.append(f"WARNING: at C={r.budget:.3g} the lowest loss is at the {r.edge} size searched "
-                         f"(N={_fmt_n(r.n_opt)}): the true optimum may lie outside the range; re-run with a larger "
-                         "widen or pad.")
+            lines.append(f"WARNING: at C={r.budget:.3g} the best size has {r.below} COMPLETE size(s) below and "
+                         f"{r.above} above it (N={_fmt_n(r.n_opt)}); the analysis drops an unbracketed minimum; "
+                         "re-run with a larger widen or pad.")
         else:
             lines.append(f"C={r.budget:.3g}: minimum inside the searched range at N={_fmt_n(r.n_opt)} "
                          f"(searched {_fmt_n(min(r.n_searched))}..{_fmt_n(max(r.n_searched))})"
@@ -455,9 +486,9 @@ def format_search_plan(scfg: SearchConfig, budgets: list[BudgetEstimate]) -> str
              f"{scfg.workers} worker(s); storage {tracking.masked(scfg.storage)}"]
     for b in budgets:
         p = b.plan
-        lines.append(f"  C={p.budget:.3g} ({p.study_name}): n_embd {LADDER[p.lo]}..{LADDER[p.hi]}; "
-                     f"seeds kaplan N={p.kaplan_n:,.0f} (non-embedding) -> d={LADDER[p.kaplan_rung]}, "
-                     f"chinchilla N={p.chinchilla_n:,.0f} (total) -> d={LADDER[p.chinchilla_rung]}; "
+        lines.append(f"  C={p.budget:.3g} ({p.study_name}): n_embd {p.widths[p.lo]}..{p.widths[p.hi]}; "
+                     f"seeds kaplan N={p.kaplan_n:,.0f} (non-embedding) -> d={p.widths[p.kaplan_rung]}, "
+                     f"chinchilla N={p.chinchilla_n:,.0f} (total) -> d={p.widths[p.chinchilla_rung]}; "
                      f"{b.n_trials} trials" + (f" (+ up to {b.widen} if the best is at an edge)" if b.widen else ""))
         lines.append(f"      {'n_embd':>6} {'n_layer':>7} {'n_params':>11} {'n_params_total':>14} {'tokens':>12} "
                      f"{'steps':>6} {'batch':>5} {'tokens/s':>9} {'est. time':>12}  allocation")

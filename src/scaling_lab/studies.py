@@ -25,7 +25,7 @@ from sqlalchemy.pool import NullPool
 
 from scaling_lab import tracking
 from scaling_lab.errors import ConfigError
-from scaling_lab.isoflop import LADDER, BudgetPlan, SearchConfig, rung_of
+from scaling_lab.isoflop import BudgetPlan, SearchConfig, key_of, replica_of, rung_of
 
 # Optuna trial heartbeat period (s); a trial silent for GRACE_S is failed and retried once. The environment
 # may shorten both (tests of killed workers, see docs/scaling-out.md).
@@ -113,10 +113,29 @@ def make_sampler(scfg: SearchConfig) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=scfg.seed)  # grid: every size is enqueued; random fills gaps only
 
 
+class BracketPruner(optuna.pruners.BasePruner):
+    """``base`` (e.g. MedianPruner) restricted to trials that cannot make the bracket: it never stops a seeded
+    anchor, a seed replica, or a size within ``bracket`` family positions of the best COMPLETE size so far, so the
+    sizes the isoFLOP fit uses around each minimum always finish."""
+
+    def __init__(self, base: optuna.pruners.BasePruner, bracket: int):
+        self.base, self.bracket = base, bracket
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        if trial.user_attrs.get("allocation", "search") != "search" or replica_of(trial):
+            return False
+        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+        rung = rung_of(trial)
+        if done and rung is not None and abs(rung - rung_of(min(done, key=lambda t: t.value))) <= self.bracket:
+            return False
+        return self.base.prune(study, trial)
+
+
 def make_pruner(scfg: SearchConfig) -> optuna.pruners.BasePruner:
     if scfg.pruner == "none":
         return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=scfg.prune_startup, n_warmup_steps=scfg.prune_warmup)
+    median = optuna.pruners.MedianPruner(n_startup_trials=scfg.prune_startup, n_warmup_steps=scfg.prune_warmup)
+    return BracketPruner(median, scfg.bracket)
 
 
 def open_study(scfg: SearchConfig, plan: BudgetPlan, storage, pruner=None):
@@ -145,7 +164,7 @@ def enqueue_missing(study, plan: BudgetPlan, grid: bool) -> int:
             study.enqueue_trial({"rung": rung}, user_attrs={"allocation": alloc})
             added += 1
     if grid:
-        taken = {rung_of(t) for t in active} | {r for _, r in plan.seeds}
+        taken = {rung_of(t) for t in active if not replica_of(t)} | {r for _, r in plan.seeds}
         for rung in range(plan.lo, plan.hi + 1):
             if rung not in taken:
                 study.enqueue_trial({"rung": rung}, user_attrs={"allocation": "search"})
@@ -181,12 +200,33 @@ def fail_stale_running(study, reason: str) -> dict[int, str]:
 
 
 def target_trials(scfg: SearchConfig, plan: BudgetPlan, study) -> int:
-    """Finished trials (COMPLETE or PRUNED) this study should have."""
+    """Finished trials (COMPLETE or PRUNED) this study should have: with grid every size in range, the seeded
+    sizes, and every queued, running or finished (size, replica) once."""
+    trials = study.get_trials(deepcopy=False)
+    replicas = {key_of(t) for t in trials if t.state.name in ACTIVE and replica_of(t)}
     if scfg.sampler == "grid":
         rungs = set(range(plan.lo, plan.hi + 1)) | {r for _, r in plan.seeds}
-        extra = {rung_of(t) for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED")}
-        return len(rungs | extra) + (plan.kaplan_rung == plan.chinchilla_rung)
-    return max(scfg.trials, 2)
+        extra = {rung_of(t) for t in trials if t.state.name in ("COMPLETE", "PRUNED") and not replica_of(t)}
+        return len(rungs | extra) + len(replicas) + (plan.kaplan_rung == plan.chinchilla_rung)
+    return max(scfg.trials, 2) + len(replicas)
+
+
+def enqueue_replicas(study, res_rung: int, replicas: int) -> int:
+    """Queue ``replicas`` extra seeds of the best size and of its nearest COMPLETE neighbour on each side, unless
+    queued, running or done. Returns how many were queued."""
+    trials = study.get_trials(deepcopy=False)
+    done = sorted({rung_of(t) for t in trials if t.state.name == "COMPLETE" and not replica_of(t)})
+    if res_rung not in done:
+        return 0
+    i = done.index(res_rung)
+    have = {key_of(t) for t in trials if t.state.name in ACTIVE}
+    added = 0
+    for rung in done[max(0, i - 1): i + 2]:
+        for k in range(1, replicas + 1):
+            if (rung, k) not in have:
+                study.enqueue_trial({"rung": rung}, user_attrs={"allocation": "search", "replica": k})
+                added += 1
+    return added
 
 
 def count(study, states: tuple[str, ...]) -> int:
@@ -225,10 +265,10 @@ def retry_failed_once(study, number: int, lock: StudyLock) -> bool:
     if rung is None:
         return False
     with lock:
-        if rung in {rung_of(x) for x in study.get_trials(deepcopy=False) if x.state.name in ACTIVE}:
+        if key_of(t) in {key_of(x) for x in study.get_trials(deepcopy=False) if x.state.name in ACTIVE}:
             return False
-        study.enqueue_trial({"rung": rung}, user_attrs={"allocation": t.user_attrs.get("allocation", "search"),
-                                                        "retry_of": number})
-    print(f"  {study.study_name}: trial {number} (n_embd {LADDER[rung]}) failed "
+        attrs = {"allocation": t.user_attrs.get("allocation", "search"), "retry_of": number}
+        study.enqueue_trial({"rung": rung}, user_attrs=attrs | ({"replica": replica_of(t)} if replica_of(t) else {}))
+    print(f"  {study.study_name}: trial {number} (n_embd {t.user_attrs.get('n_embd', '?')}) failed "
           f"({t.user_attrs.get('error', 'see the log above')}); its size is queued once more", file=sys.stderr)
     return True

@@ -100,6 +100,8 @@ class TrainResult:
     stopped_early: bool = False
     log_seconds: float = 0.0
     history: list[float] = field(default_factory=list)
+    epochs: float = 0.0
+    """Passes over the train split: tokens trained / tokens in the split (>1 repeats the data)."""
 
 
 def lr_at(step: int, steps: int, peak: float, warmup_frac: float, min_ratio: float) -> float:
@@ -184,6 +186,8 @@ class Session:
     """UTF-8 bytes the scored validation targets stand for (bits per byte)."""
     ckpt: Path
     t0: float
+    epochs: float
+    """Planned passes over the train split (tokens trained / tokens in the split)."""
     start: int = 0
     """Steps already done (resume)."""
     history: list[float] = field(default_factory=list)
@@ -240,12 +244,13 @@ def setup(cfg: RunConfig, log: Logger) -> Session:
     s = Session(cfg, plan, rank, world, device, dtype, model, net, torch.compile(net) if compile_on else net,
                 optimizer, micro, accum, list(range(rank, accum, world)),
                 data.Batches(train_tokens.ids, m.block_size, tc.seed), val_x, val_y, val_bytes,
-                checkpoint_path(cfg, log.run_id), t0)
+                checkpoint_path(cfg, log.run_id), t0, plan.tokens_trained / len(train_tokens.ids))
     if tc.resume:
         _resume(s, log)
     else:
         log.log_params({f"resolved.{k}": v for k, v in cfg.flat().items()} | plan.params()
                        | {"n_vocab": m.n_vocab, "micro_batch_used": micro, "grad_accum": accum,
+                          "epochs": round(s.epochs, 4), "train_split_tokens": len(train_tokens.ids),
                           "device_used": str(device), "dtype_used": str(dtype).replace("torch.", ""),
                           "compile_used": compile_on})
         log.set_tags({"mode": cfg.mode, "dataset": cfg.data.dataset, "device": str(device)})
@@ -382,7 +387,7 @@ def finish(s: Session, log: Logger, val_loss: float, stopped: bool, loop_s: floa
     tok_per_step = plan.tokens_per_step
     tps = (done - s.start) * tok_per_step / loop_s if loop_s > 0 else 0.0
     return TrainResult(log.run_id, val_loss, bpb, done, done * tok_per_step, time.perf_counter() - s.t0, tps,
-                       stopped, getattr(log, "flush_seconds_total", 0.0), s.history)
+                       stopped, getattr(log, "flush_seconds_total", 0.0), s.history, s.epochs)
 
 
 def train(
