@@ -16,13 +16,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from scaling_lab import config, laws, report
+from scaling_lab import approach2, config, laws, report
 from scaling_lab.errors import ConfigError
 from scaling_lab.overlay import load_prediction, overlay_prediction
 from scaling_lab.sources import CONVENTIONS, RunTable, load_csv, load_mlflow, parse_tags, simulate
 
 SOURCES = ("mlflow", "csv", "simulate")
-CONVENTION_CHOICES = ("both", "kaplan", "total")
+CONVENTION_CHOICES = ("all", "both", "kaplan", "total", "exact")  # both: an older name of all
+A3_STARTS = 2  # Approach 3 bootstrap refits start from the full fit and another minimum (laws.a3_starts)
+KAPLAN_RESAMPLES = 200  # Kaplan's laws are refitted on the first 200 resamples only (intervals, not the verdict)
+A2_MIN_DRAWS = 1000  # Approach 2's parametric bootstrap draws at least this many
+ILLUSTRATIVE_FACTOR = 100.0  # extrapolations further beyond the fitted compute get no interval (illustrative)
 
 
 @dataclass
@@ -47,10 +51,12 @@ class AnalyzeConfig:
     """Report folder ('' = reports/analyze-<UTC time>)."""
     budgets: str = ""
     """Extra FLOP budgets to extrapolate to, comma-separated (GPT-3 3.14e23 and Chinchilla 5.76e23 always)."""
-    convention: str = "both"
-    """both, kaplan (non-embedding N, C = 6ND) or total (all parameters, C = 6 N_total D)."""
-    bootstrap: int = 200
-    """Bootstrap resamples of the runs for 95% intervals (0 = no intervals)."""
+    convention: str = "all"
+    """all (every convention the runs have), kaplan (non-embedding N, C = 6ND), total (all parameters,
+    C = 6 N_total D) or exact (all parameters, C = the matmul FLOPs the model does, head and attention included)."""
+    bootstrap: int = 1000
+    """Bootstrap resamples of the runs for 95% intervals of Approaches 1 and 3 and Kaplan's laws (0 = none);
+    Approach 2's parametric bootstrap draws max(this, 1000) times."""
     seed: int = 0
     """Seed of the bootstrap and of the simulation."""
     rtol: float = 0.05
@@ -173,6 +179,10 @@ class ConventionData:
     curves: list[laws.Curve]
     cgrid: np.ndarray
     """FLOPs grid for the fitted lines' bands (figures)."""
+    seed_std: float = float("nan")
+    """Pooled seed-to-seed standard deviation of the final loss over sizes trained with 2+ seeds (nats)."""
+    seed_sizes: int = 0
+    """(budget, size) pairs trained with 2 or more seeds."""
 
     @property
     def n_budgets(self) -> int:
@@ -184,7 +194,7 @@ class PointFits:
     """The fits on all the data of one convention."""
 
     fit1: laws.EnvelopeFit
-    fit2: laws.IsoFlopFit
+    fit2: approach2.IsoFlopMinima
     fit3: laws.ChinchillaFit
     kaplan: dict[str, Any]
     grid1: np.ndarray
@@ -212,13 +222,23 @@ def convention_data(study: RunTable, conv: str, cfg: AnalyzeConfig, extra_budget
                           "can be fitted)")
     c_lo, c_hi = float(C.min()), float(C.max())
     cgrid = np.exp(np.linspace(math.log(c_lo) - 0.3, math.log(c_hi) + 0.3, 100))
+    seeds = pd.DataFrame({"g": labels, "n": N, "L": L}).groupby(["g", "n"])["L"]
+    groups = [g.to_numpy() for _, g in seeds if len(g) > 1]
+    dof = sum(len(g) - 1 for g in groups)
+    seed_std = float(np.sqrt(sum(((g - g.mean()) ** 2).sum() for g in groups) / dof)) if dof else float("nan")
     return ConventionData(N, D, C, L, labels, laws.flops_factor(N, D, C), {**laws.NAMED_BUDGETS, **extra_budgets},
-                          _curves_for(study, conv), cgrid)
+                          _curves_for(study, conv), cgrid, seed_std, len(groups))
+
+
+def _loss_sd(d: ConventionData) -> np.ndarray | None:
+    """Each run's seed noise (the pooled seed-to-seed sd) for Approach 2; None when no size has 2+ seeds
+    (Approach 2 then pools its window residuals)."""
+    return np.full(len(d.L), d.seed_std) if math.isfinite(d.seed_std) else None
 
 
 def point_fits(d: ConventionData, rtol: float) -> PointFits:
     """Approaches 1-3 and Kaplan's laws on all the data."""
-    fit2 = laws.approach2(d.N, d.D, d.C, d.L, labels=d.labels)
+    fit2 = approach2.fit_isoflops(d.N, d.D, d.C, d.L, labels=d.labels, loss_sd=_loss_sd(d))
     fit3 = laws.approach3(d.N, d.D, d.L, k=d.k)
     grid1 = laws.envelope_grid(d.curves)
     n1, Lm, Dm = laws.envelope_matrix(d.curves, grid1, rtol)
@@ -226,19 +246,34 @@ def point_fits(d: ConventionData, rtol: float) -> PointFits:
     return PointFits(fit1, fit2, fit3, kaplan_fits(d.N, d.D, d.L, fit1), grid1, n1, Lm, Dm)
 
 
-def bootstrap_fits(d: ConventionData, p: PointFits, n_boot: int, seed: int) -> tuple[dict[str, np.ndarray],
+def bootstrap_fits(d: ConventionData, p: PointFits, n_boot: int, seed: int,
+                   a3_cache: dict[bytes, laws.ChinchillaFit] | None = None) -> tuple[dict[str, np.ndarray],
                                                                                     dict[str, np.ndarray]]:
     """Refit every approach on ``n_boot`` resamples of the runs within each budget. Returns (samples: {name:
     values} of exponents, parameters and N/D/L at the fitted and named budgets; bands: lines and grids of each
-    approach for the figures)."""
-    N, D, C, L, labels, k = d.N, d.D, d.C, d.L, d.labels, d.k
+    approach for the figures). ``a3_cache`` shares Approach 3 refits between conventions with the same N, D, L
+    (total and exact: only k differs)."""
+    a3_cache = {} if a3_cache is None else a3_cache
+    N, D, L, labels, k = d.N, d.D, d.L, d.labels, d.k
     bnames, bvals = list(d.budgets), np.array(list(d.budgets.values()))
     curves_are_runs = all(len(c.flops) == 1 for c in d.curves) and len(d.curves) == len(N)
-    start3 = laws.a3_vector(p.fit3)
+    starts3 = laws.a3_starts(N, D, L, p.fit3, n=A3_STARTS)  # several starts: one can end in a worse minimum
     fitted_budgets = np.array(p.fit2.budgets)
     lines: dict[str, list] = {"approach1": [], "approach2": [], "approach3": []}
     grids: dict[str, list] = {f"{a}/{w}_grid": [] for a in lines for w in "nd"}
     rng_curves = np.random.default_rng(seed + 1)
+
+    key0 = N.tobytes() + D.tobytes() + L.tobytes()
+    done = [0]
+
+    def a3(idx: np.ndarray) -> laws.ChinchillaFit:
+        """Approach 3 on a resample; the total and exact conventions share N, D and L (only k differs), so the
+        second reuses the first's fit."""
+        key = key0 + idx.tobytes()
+        if key not in a3_cache:
+            a3_cache[key] = laws.approach3(N[idx], D[idx], L[idx], k=k, starts=0, init=starts3)
+        f = a3_cache[key]
+        return laws.ChinchillaFit(E=f.E, A=f.A, B=f.B, alpha=f.alpha, beta=f.beta, k=k)
 
     def one(idx: np.ndarray) -> dict[str, float]:
         """Refit every approach on one resample; an approach that cannot fit this resample (e.g. a budget
@@ -246,9 +281,9 @@ def bootstrap_fits(d: ConventionData, p: PointFits, n_boot: int, seed: int) -> t
         out: dict[str, float] = {}
         fits_b: dict[str, Any] = {}
         ii = idx if curves_are_runs else rng_curves.integers(0, len(d.curves), len(d.curves))
+        done[0] += 1
         attempts = (
-            ("approach2", lambda: laws.approach2(N[idx], D[idx], C[idx], L[idx], labels=labels[idx])),
-            ("approach3", lambda: laws.approach3(N[idx], D[idx], L[idx], k=k, starts=0, init=[start3])),
+            ("approach3", lambda: a3(idx)),
             ("approach1", lambda: laws.approach1_matrix(p.grid1, p.n1[ii], p.Lm[ii], p.Dm[ii])),
         )
         for a_name, make in attempts:
@@ -271,6 +306,8 @@ def bootstrap_fits(d: ConventionData, p: PointFits, n_boot: int, seed: int) -> t
             out.update({f"approach3/{q}": v for q, v in f3.params().items()})
             for name, c in zip(bnames, bvals):
                 out[f"approach3/L@{name}"] = float(f3.loss(f3.n_at(c), f3.d_at(c)))
+        if done[0] > KAPLAN_RESAMPLES:
+            return out
         kn = kaplan_fits(N[idx], D[idx], L[idx], fits_b.get("approach1"), init=p.kaplan)
         for key, v in kn.items():
             for q in ("alpha", "alpha_N", "alpha_D", "a"):
@@ -279,9 +316,30 @@ def bootstrap_fits(d: ConventionData, p: PointFits, n_boot: int, seed: int) -> t
         return out
 
     samples = laws.bootstrap(one, len(N), n_boot, seed, strata=labels)
+    samples.update(_approach2_draws(d, p, max(n_boot, A2_MIN_DRAWS), seed, grids, lines))
     boot = {k_: np.array(v) for k_, v in grids.items() if v}
     boot.update({f"{a}/params": np.array(v) for a, v in lines.items() if v})
     return samples, boot
+
+
+def _approach2_draws(d: ConventionData, p: PointFits, draws: int, seed: int, grids: dict[str, list],
+                     lines: dict[str, list]) -> dict[str, np.ndarray]:
+    """Approach 2's interval: a parametric bootstrap that redraws each size's loss from its measured seed noise
+    (approach2.bootstrap_isoflops), not a resampling of the few sizes. Fills the figures' bands too."""
+    try:
+        raw = approach2.bootstrap_isoflops(d.N, d.D, d.C, d.L, labels=d.labels, loss_sd=_loss_sd(d), draws=draws,
+                                           seed=seed, at=d.budgets)
+    except laws.FitError:
+        return {}
+    ok = np.isfinite(raw["a"])
+    c0 = p.fit2.budgets[0]
+    with np.errstate(over="ignore", invalid="ignore"):
+        k_n = raw["N@fitted0"] / c0 ** raw["a"]
+        for a, kn in zip(raw["a"][ok], k_n[ok]):
+            lines["approach2"].append((float(a), float(kn)))
+            grids["approach2/n_grid"].append(kn * d.cgrid ** a)
+            grids["approach2/d_grid"].append(d.cgrid / (d.k * kn * d.cgrid ** a))
+    return {f"approach2/{key}": v[ok] for key, v in raw.items()}
 
 
 def _approach_rows(d: ConventionData, p: PointFits, samples: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -296,10 +354,16 @@ def _approach_rows(d: ConventionData, p: PointFits, samples: dict[str, np.ndarra
           "from_curves": any(len(c.flops) > 1 for c in d.curves), "runs": len(d.curves)}
     a2 = {"a": fit2.a, "b": fit2.b, "ci95": {q: ci(f"approach2/{q}") for q in ("a", "b")},
           "se": {q: se(f"approach2/{q}") for q in ("a", "b")},
+          "method": "window parabolas (lowest mean loss and 2 sizes each side), weighted N_opt(C) line, "
+                    "parametric bootstrap over the seed noise (approach2.py)",
+          "noise_source": fit2.noise_source, "seed_std": d.seed_std, "seed_sizes": d.seed_sizes,
+          "draws": int(len(samples.get("approach2/a", []))),
+          "dropped": fit2.dropped,
           "n_opt_by_budget": [
               {"budget": b, "n_opt": n, "d_opt": dd, "minimum_inside_sampled_range": ok,
-               "n_opt_ci95": ci(f"approach2/N@fitted{i}")}
-              for i, (b, n, dd, ok) in enumerate(zip(fit2.budgets, fit2.n_opt, fit2.d_opt, fit2.inside))]}
+               "n_opt_ci95": ci(f"approach2/N_opt@fitted{i}"), "window": list(win), "weight": w}
+              for i, (b, n, dd, ok, win, w) in enumerate(zip(fit2.budgets, fit2.n_opt, fit2.d_opt, fit2.inside,
+                                                             fit2.windows, fit2.weights))]}
     a3 = {**fit3.params(), "k": d.k,
           "ci95": {q: ci(f"approach3/{q}") for q in ("E", "A", "B", "alpha", "beta", "a", "b")},
           "se": {q: se(f"approach3/{q}") for q in ("alpha", "beta", "a", "b")},
@@ -311,29 +375,55 @@ def _approach_rows(d: ConventionData, p: PointFits, samples: dict[str, np.ndarra
 
 
 def _extrapolation(d: ConventionData, p: PointFits, samples: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """N_opt, D_opt (and Approach 3's loss) at the named budgets. Beyond ILLUSTRATIVE_FACTOR times the largest
+    fitted budget a row gets no interval and is marked illustrative: nothing measured here supports it, and its
+    loss is in nats per token of this vocabulary and text."""
     c_hi = float(d.C.max())
     rows = []
     for name, c in d.budgets.items():
+        far = c / c_hi > ILLUSTRATIVE_FACTOR
+        ci = (lambda key: [None, None]) if far else (lambda key: _pair(_ci(samples, key)))
         for aname, f in (("approach1", p.fit1), ("approach2", p.fit2), ("approach3", p.fit3)):
             row = {"budget": name, "flops": float(c), "approach": aname, "factor": float(c / c_hi),
-                   "n_opt": float(f.n_at(c)), "n_opt_ci95": _pair(_ci(samples, f"{aname}/N@{name}")),
-                   "d_opt": float(f.d_at(c)), "d_opt_ci95": _pair(_ci(samples, f"{aname}/D@{name}"))}
+                   "illustrative": bool(far), "n_opt": float(f.n_at(c)), "n_opt_ci95": ci(f"{aname}/N@{name}"),
+                   "d_opt": float(f.d_at(c)), "d_opt_ci95": ci(f"{aname}/D@{name}")}
             if aname == "approach3":
                 row["loss"] = float(p.fit3.loss(f.n_at(c), f.d_at(c)))
-                row["loss_ci95"] = _pair(_ci(samples, f"approach3/L@{name}"))
+                row["loss_ci95"] = ci(f"approach3/L@{name}")
             rows.append(row)
     return rows
 
 
-def fit_convention(study: RunTable, conv: str, cfg: AnalyzeConfig,
-                   extra_budgets: dict[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _leave_one_budget_out(d: ConventionData, p: PointFits) -> list[dict[str, Any]]:
+    """Approach 3's loss error on each held-out budget (laws.leave_one_budget_out), and Approach 2 (windows) fitted
+    on the other budgets predicting the held-out budget's own windowed minimum."""
+    rows = laws.leave_one_budget_out(d.N, d.D, d.C, d.L, d.labels, k=d.k)
+    vertex = dict(zip(p.fit2.groups, p.fit2.n_opt))
+    for g, row in enumerate(rows):
+        for key in ("n_opt_observed", "n_opt_predicted", "a2_log10_ratio"):
+            row.pop(key, None)
+        m = d.labels == g
+        if g not in vertex:
+            continue
+        try:
+            fit = approach2.fit_isoflops(d.N[~m], d.D[~m], d.C[~m], d.L[~m], labels=d.labels[~m],
+                                         loss_sd=None if _loss_sd(d) is None else _loss_sd(d)[~m])
+        except laws.FitError:
+            continue
+        pred = float(fit.n_at(row["budget"]))
+        row.update(n_opt_observed=vertex[g], n_opt_predicted=pred, a2_log10_ratio=math.log10(pred / vertex[g]))
+    return rows
+
+
+def fit_convention(study: RunTable, conv: str, cfg: AnalyzeConfig, extra_budgets: dict[str, float],
+                   a3_cache: dict[bytes, laws.ChinchillaFit] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every fit of one convention, with bootstrap intervals, leave-one-budget-out, verdict and extrapolation.
     Returns (json-able result, objects for figures)."""
     ncol, ccol = CONVENTIONS[conv]
     d = convention_data(study, conv, cfg, extra_budgets)
     p = point_fits(d, cfg.rtol)
-    samples, boot = bootstrap_fits(d, p, cfg.bootstrap, cfg.seed) if cfg.bootstrap else ({}, {})
-    lobo = laws.leave_one_budget_out(d.N, d.D, d.C, d.L, d.labels, k=d.k) if d.n_budgets >= 3 else []
+    samples, boot = bootstrap_fits(d, p, cfg.bootstrap, cfg.seed, a3_cache) if cfg.bootstrap else ({}, {})
+    lobo = _leave_one_budget_out(d, p) if d.n_budgets >= 3 else []
     for key, v in p.kaplan.items():
         for q in ("alpha", "alpha_N", "alpha_D", "a"):
             if q in v and f"kaplan/{key}/{q}" in samples:
@@ -417,6 +507,15 @@ def curve_extrapolation(study: RunTable, frac: float) -> dict[str, Any]:
             "within_5pct": float(np.mean(err < 0.05)), "per_run": rows}
 
 
+def epochs_by_budget(study: RunTable) -> list[dict[str, float]]:
+    """The most passes over the train split of any run, per budget (runs that log ``epochs``)."""
+    runs = study.runs
+    if "epochs" not in runs.columns or runs["epochs"].isna().all() or "budget" not in runs.columns:
+        return []
+    top = runs.dropna(subset=["epochs", "budget"]).groupby("budget")["epochs"].max()
+    return [{"budget": float(b), "max_epochs": float(e)} for b, e in top.items()]
+
+
 def analyze_study(study: RunTable, cfg: AnalyzeConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit every convention present (or the one asked for); return (fits.json content, figure objects)."""
     with laws.one_blas_thread(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -425,20 +524,22 @@ def analyze_study(study: RunTable, cfg: AnalyzeConfig) -> tuple[dict[str, Any], 
 
 def _analyze_study(study: RunTable, cfg: AnalyzeConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     convs = list(study.conventions)
-    if cfg.convention != "both":
+    if cfg.convention not in ("all", "both"):
         if cfg.convention not in convs:
-            raise ConfigError("convention", cfg.convention, "one of " + ", ".join(["both", *convs]) +
+            raise ConfigError("convention", cfg.convention, "one of " + ", ".join(["all", *convs]) +
                               " for this source (a CSV has one convention: its own columns)")
         convs = [cfg.convention]
     extra = {f"{b:.3g} FLOPs": b for b in parse_budgets(cfg.budgets)}
     results: dict[str, Any] = {"conventions": {}, "verdict": {}}
     objects: dict[str, Any] = {}
+    a3_cache: dict[bytes, laws.ChinchillaFit] = {}
     for conv in convs:
-        res, obj = fit_convention(study, conv, cfg, extra)
+        res, obj = fit_convention(study, conv, cfg, extra, a3_cache)
         results["conventions"][conv] = res
         results["verdict"][conv] = res["verdict"]
         objects[conv] = obj
     results["curve_extrapolation"] = curve_extrapolation(study, cfg.curve_frac)
+    results["epochs_by_budget"] = epochs_by_budget(study)
     if study.truth is not None:
         conv = study.truth["convention"]
         if conv in results["conventions"]:

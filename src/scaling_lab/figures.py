@@ -47,7 +47,8 @@ def _colors(n: int) -> list:
 
 def isoflop(N: np.ndarray, L: np.ndarray, labels: np.ndarray, fit: laws.IsoFlopFit, folder: Path, name: str,
             title: str) -> list[Path]:
-    """Loss against N for each budget, with the Approach 2 parabola and its minimum."""
+    """Loss against N for each budget, with the Approach 2 parabola (over the sizes it was fitted on) and its
+    minimum."""
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(5.2, 3.8))
         groups = np.unique(labels)
@@ -55,10 +56,12 @@ def isoflop(N: np.ndarray, L: np.ndarray, labels: np.ndarray, fit: laws.IsoFlopF
         for g, col in zip(groups, cols):
             m = labels == g
             ax.scatter(N[m], L[m], s=14, color=col, zorder=3)
-        for b, p, n_opt, ok, g in zip(fit.budgets, fit.parabolas, fit.n_opt, fit.inside, fit.groups):
+        windows = getattr(fit, "windows", None) or [None] * len(fit.budgets)
+        for b, p, n_opt, ok, g, win in zip(fit.budgets, fit.parabolas, fit.n_opt, fit.inside, fit.groups, windows):
             col = cols[list(groups).index(g)]
             ng = N[labels == g]
-            x = np.linspace(np.log(ng.min()) - 0.2, np.log(ng.max()) + 0.2, 200)
+            lo, hi = (ng.min(), ng.max()) if win is None else win  # the parabola only where it was fitted
+            x = np.linspace(np.log(lo) - 0.1, np.log(hi) + 0.1, 200)
             ax.plot(np.exp(x), np.polyval(p, x), color=col, alpha=0.8, label=f"C = {b:.2g}")
             ax.plot([n_opt], [np.polyval(p, math.log(n_opt))], marker="*" if ok else "x", ms=10, color=col,
                     markeredgecolor="k", zorder=4)

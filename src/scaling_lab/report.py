@@ -96,10 +96,22 @@ def verdict_section(results: dict[str, Any]) -> list[tuple]:
     """The verdict sentences of every convention and approach, and the references they compare with."""
     lines = [laws.verdict_sentence(f"{conv} / {name}", v) for conv, vs in results["verdict"].items()
              for name, v in vs.items() if v.get("a") is not None]
-    return [("h2", "Verdict"), ("pre", "\n".join(lines)),
-            ("p", f"References: Kaplan et al. 2020 (arXiv:2001.08361) N_opt ∝ C^{laws.KAPLAN_A}; Hoffmann et al. "
-                  f"2022 (arXiv:2203.15556) N_opt ∝ C^{laws.CHINCHILLA_A}. Intervals: percentile bootstrap over "
-                  f"runs resampled within each budget; SE = bootstrap standard deviation.")]
+    convs = results["conventions"]
+    rows = [[name] + [f"{_g(convs[c][name]['a'], '.3f')} {ci_txt(convs[c][name]['ci95'].get('a'), '.3f')}"
+                      for c in convs] for name in ("approach1", "approach2", "approach3")]
+    B: list[tuple] = [("h2", "Verdict"), ("pre", "\n".join(lines)),
+                      ("p", "The exponent a (N_opt ∝ C^a) and its 95% interval under each counting convention:"),
+                      ("table", ["approach", *convs], rows)]
+    epochs = results.get("epochs_by_budget") or []
+    if epochs:
+        B.append(("p", "Most passes over the train split per budget (data repetition; up to ~4 costs almost nothing, "
+                       "Muennighoff et al. 2023): " + ", ".join(f"C = {x['budget']:.3g}: {x['max_epochs']:.1f}"
+                                                                 for x in epochs) + "."))
+    B.append(("p", f"References: Kaplan et al. 2020 (arXiv:2001.08361) N_opt ∝ C^{laws.KAPLAN_A}; Hoffmann et al. "
+                   f"2022 (arXiv:2203.15556) N_opt ∝ C^{laws.CHINCHILLA_A}. Intervals: Approach 2, a parametric "
+                   "bootstrap redrawing each size's loss from its measured seed noise; Approaches 1 and 3, percentile "
+                   "bootstrap over runs resampled within each budget; SE = bootstrap standard deviation."))
+    return B
 
 
 def simulation_section(results: dict[str, Any]) -> list[tuple]:
@@ -131,7 +143,9 @@ def convention_section(conv: str, r: dict[str, Any], figs: dict[str, list]) -> l
     rows += [[f"Approach 1 {p}", _g(a1[p]), ci_txt(a1["ci95"].get(p))] for p in ("a", "b")]
     kl = r["kaplan"].get("L_ND", {})
     for p in ("alpha_N", "alpha_D", "a"):
-        rows.append([f"Kaplan Eq. 1.5 {p}", _g(kl.get(p)), ci_txt(kl.get("ci95", {}).get(p))])
+        label = ("Kaplan Eq. 1.5 L(N, D): a implied by its fit (not Kaplan's compute-optimal 0.73)" if p == "a"
+                 else f"Kaplan Eq. 1.5 L(N, D) {p}")
+        rows.append([label, _g(kl.get(p)), ci_txt(kl.get("ci95", {}).get(p))])
     for key in ("L_N", "L_D", "L_C"):
         for suffix in ("", "_irreducible"):
             v = r["kaplan"].get(key + suffix, {})
@@ -146,9 +160,17 @@ def convention_section(conv: str, r: dict[str, Any], figs: dict[str, list]) -> l
     B.append(("p", f"Approach 3 RMS relative residual {100 * a3['rms_rel_residual']:.2f}%; Approach 1 from "
                    f"{'training curves' if a1['from_curves'] else 'final losses only'} ({a1['runs']} runs)."))
     rows = [[_g(b["budget"], ".3g"), _g(b["n_opt"], ".4g"), ci_txt(b["n_opt_ci95"]), _g(b["d_opt"], ".4g"),
-             "yes" if b["minimum_inside_sampled_range"] else "NO (edge)"] for b in a2["n_opt_by_budget"]]
+             f"{_g(b['window'][0], '.3g')}..{_g(b['window'][1], '.3g')}" if b.get("window") else "-",
+             _g(b.get("weight"), ".3g")] for b in a2["n_opt_by_budget"]]
     B.append(("h3", "Approach 2: N_opt by budget"))
-    B.append(("table", ["budget C", "N_opt", "95% interval", "D_opt", "minimum inside sampled N"], rows))
+    B.append(("p", f"{a2.get('method', 'one parabola per budget')}; noise: {a2.get('noise_source', '?')}"
+                   + (f" (seed-to-seed sd {_g(a2.get('seed_std'), '.4f')} nats over {a2.get('seed_sizes')} sizes "
+                      "with 2+ seeds)" if a2.get("seed_sizes") else "")
+                   + f"; {a2.get('draws', 0)} parametric draws."))
+    B.append(("table", ["budget C", "N_opt", "95% interval", "D_opt", "window (N)", "weight"], rows))
+    if a2.get("dropped"):
+        B.append(("p", "Dropped from the N_opt(C) fit: " + "; ".join(f"C = {_g(x['budget'], '.3g')}: {x['reason']}"
+                                                                     for x in a2["dropped"]) + "."))
     if r["leave_one_budget_out"]:
         B.append(("h3", "Leave one budget out"))
         rows = [[_g(x["budget"], ".3g"), x["runs"], _g(x.get("n_opt_observed")), _g(x.get("n_opt_predicted")),
@@ -157,7 +179,10 @@ def convention_section(conv: str, r: dict[str, Any], figs: dict[str, list]) -> l
         B.append(("table", ["held-out C", "runs", "N_opt (its parabola)", "N_opt (A2 on the rest)",
                             "log10 ratio", "A3 loss error"], rows))
     B.append(("h3", "Extrapolation (beyond the fitted range by the stated factor)"))
-    rows = [[x["budget"], _g(x["flops"], ".3g"), x["approach"], f"{x['factor']:.2g}x",
+    B.append(("p", "Rows more than 100x beyond the fitted compute are illustrative: no interval, nothing measured here "
+                   "supports them; losses are nats per token of this vocabulary and text."))
+    rows = [[x["budget"] + (" (illustrative)" if x.get("illustrative") else ""), _g(x["flops"], ".3g"),
+             x["approach"], f"{x['factor']:.2g}x",
              _g(x["n_opt"], ".3g"), ci_txt(x["n_opt_ci95"], ".3g"), _g(x["d_opt"], ".3g"),
              ci_txt(x["d_opt_ci95"], ".3g"), _g(x.get("loss"), ".4g"), ci_txt(x.get("loss_ci95"))]
             for x in r["extrapolation"]]

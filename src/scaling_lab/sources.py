@@ -14,13 +14,15 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from scaling_lab import counting, laws, tracking
+from scaling_lab import counting, family, laws, tracking
 from scaling_lab.errors import ConfigError
 
 # convention -> (N column, C column). kaplan: non-embedding N with C = 6N·D (Kaplan et al. 2020, Sec. 2.1);
 # total: all parameters with C = 6·N_total·D (as Hoffmann et al. 2022 count N); csv: the CSV's own columns.
+# exact: all parameters with C = the forward+backward matmul FLOPs the model does (counting.flops_per_token_exact:
+# output head and attention scores included; Porian et al. 2024 count the head this way).
 CONVENTIONS = {"kaplan": ("n_params", "flops_kaplan"), "total": ("n_params_total", "flops_total"),
-               "csv": ("n_params", "flops")}
+               "exact": ("n_params_total", "flops_exact"), "csv": ("n_params", "flops")}
 CSV_KEYS_REQUIRED = ("params", "loss")
 CSV_KEYS = ("params", "tokens", "flops", "loss", "budget", "run")
 HISTORY_KEYS = ("val/loss",)
@@ -81,6 +83,9 @@ def from_frame(frame: pd.DataFrame, histories: dict[str, dict[str, list]] | None
         "tokens": _num(base, "params.tokens_trained").values,
         "flops_kaplan": _num(base, "params.flops_kaplan").values,
         "flops_total": _num(base, "params.flops_total").values,
+        "flops_exact": _num(base, "params.flops_exact").values,
+        "epochs": _num(base, "params.epochs").values,
+        "seed": _num(base, "params.resolved.seed").values,
         "loss": _num(base, "metrics.final/val_loss").values,
         "tokens_per_step": _num(base, "params.tokens_per_step").values,
         "status": base["status"].values,
@@ -114,7 +119,8 @@ def from_frame(frame: pd.DataFrame, histories: dict[str, dict[str, list]] | None
     curve_runs = table[table["run_id"].isin(curves) & table["status"].isin(["FINISHED", "KILLED"])
                        & table["state"].isin(["", "COMPLETE", "PRUNED"])]
     prov = {"source": "mlflow", "run_ids": final["run_id"].tolist(), **(provenance or {})}
-    return RunTable(final.reset_index(drop=True), curves, curve_runs.reset_index(drop=True), prov, ("kaplan", "total"))
+    convs = ("kaplan", "total") + (("exact",) if final["flops_exact"].notna().all() and len(final) else ())
+    return RunTable(final.reset_index(drop=True), curves, curve_runs.reset_index(drop=True), prov, convs)
 
 
 class RunQuery(Protocol):
@@ -198,7 +204,7 @@ def load_csv(path: str | Path, columns: str = "", rtol: float = 0.05) -> RunTabl
 # Simulation: an illustrative law in total N (not a published fit): Hoffmann et al.'s exponents with A, B, E
 # chosen so that the minimum at C = 1e12 lands near the N_total ≈ 44k measured on CPU (design/PROBES.md).
 SIM_LAW = {"E": 1.8, "A": 40.0, "B": 60.0, "alpha": 0.34, "beta": 0.28}
-SIM_SHAPES = [(1, 16), (1, 32), (2, 32), (2, 48), (2, 64), (3, 64), (3, 96), (4, 128)]  # (n_layer, n_embd)
+SIM_SHAPES = [(f.n_layer, f.n_embd) for f in family.family(513, 128)[:18]]  # the search's family, 6.9k..2.2M N_total
 SIM_BUDGETS = [3e11, 1e12, 3e12, 1e13]  # FLOPs under the total rule
 SIM_VOCAB, SIM_BLOCK, SIM_TOKENS_PER_STEP = 513, 128, 2048  # quick mode: vocab_size 512 (+ end-of-text), 16 x 128
 
