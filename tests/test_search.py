@@ -16,7 +16,7 @@ import yaml
 from servers import store_client as _client
 from servers import store_runs as _runs
 
-from scaling_lab import config, counting
+from scaling_lab import analyze, config, counting, sources
 from scaling_lab.cli import main_search as main
 from scaling_lab.counting import chinchilla_n, kaplan_n
 from scaling_lab.isoflop import (
@@ -359,3 +359,39 @@ def test_edge_detection_widens_by_one_size_then_says_so():
     assert res.edge == "largest"  # nothing larger affords MIN_STEPS steps: no widening, the edge stays reported
     assert not widen_once(study, plan, res) and plan.hi == plan.cap
     assert len(study.get_trials(states=(TrialState.WAITING,))) == 1
+
+
+def test_search_widens_until_bracketed_and_trains_seed_replicas(tiny_search, store):
+    """A tiny real search started on the two anchors only (pad 0) widens one size at a time until 2 COMPLETE sizes
+    lie on each side of the best; an eager pruner never stops those; the best size and its neighbours get 2 more
+    seeds each, as their own child runs differing only by seed; the logged seed noise is their pooled sd, the
+    same the analysis measures."""
+    scfg = resolve_search({**tiny_search, "budgets": "3e10", "pad": "0", "widen": "8", "bracket": "2",
+                           "replicas": "2", "prune_startup": "1", "prune_warmup": "0"})
+    (res,) = run_search(scfg)
+    assert res.edge == "none" and res.below >= 2 and res.above >= 2
+    study = next(iter(_studies(tiny_search["storage"]).values()))
+    trials = study.get_trials()
+    complete = {t.params["rung"] for t in trials if t.state.name == "COMPLETE"}
+    assert all(abs(t.params["rung"] - res.best_rung) > 2 for t in trials if t.state.name == "PRUNED")
+    for r in range(res.best_rung - 2, res.best_rung + 3):
+        assert r in complete  # the bracket the analysis fits is complete
+    runs = {r.info.run_id: r for r in _runs(store) if r.data.tags.get("scaling_lab.kind") == "trial"}
+    by_rung: dict[int, list] = {}
+    for t in trials:
+        if t.state.name == "COMPLETE":
+            by_rung.setdefault(t.params["rung"], []).append(runs[t.user_attrs["mlflow_run_id"]])
+    seeded = {r: rs for r, rs in by_rung.items() if len(rs) > 1}
+    assert res.best_rung in seeded and len(seeded) == 3 and all(len(rs) == 3 for rs in seeded.values())
+    for rs in seeded.values():
+        seeds = sorted(int(r.data.params["resolved.seed"]) for r in rs)
+        assert seeds == [scfg.seed, scfg.seed + 1, scfg.seed + 2]
+        same = {k: {r.data.params[k] for r in rs} for k in rs[0].data.params if k.startswith("resolved.")}
+        assert {k for k, v in same.items() if len(v) > 1} <= {"resolved.seed", "resolved.run_name"}
+    losses = [[r.data.metrics["final/val_loss"] for r in rs] for rs in seeded.values()]
+    pooled = math.sqrt(sum(sum((x - sum(g) / 3) ** 2 for x in g) for g in losses) / (2 * len(losses)))
+    parent = next(r for r in _runs(store) if r.data.tags.get("scaling_lab.kind") == "study")
+    assert parent.data.metrics["seed_noise/std"] == pytest.approx(pooled, rel=1e-9) and pooled > 0
+    table = sources.load_mlflow(analyze.AnalyzeConfig(experiment=tiny_search["experiment"], log=False))
+    data = analyze.convention_data(table, "total", analyze.AnalyzeConfig(log=False), {})
+    assert data.seed_sizes == 3 and data.seed_std == pytest.approx(pooled, rel=1e-6)

@@ -28,7 +28,10 @@ from scaling_lab.errors import ConfigError
 KAPLAN_A = 0.73  # N_opt ∝ C^0.73 (Kaplan et al. 2020, Sec. 6.1)
 CHINCHILLA_A = 0.50  # N_opt ∝ C^0.50 (Hoffmann et al. 2022, Table 2, Approaches 1-3: 0.50, 0.49, 0.46)
 HOFFMANN = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}  # Hoffmann et al. 2022, Eq. 10
-KAPLAN_ND = {"alpha_N": 0.076, "alpha_D": 0.095, "N_c": 8.8e13, "D_c": 5.4e13}  # Kaplan et al. 2020, Table 2
+# Kaplan et al. 2020: L(N) and L(D) fitted separately (Eqs. 1.1-1.2, Sec. 1.2): alpha_N 0.076, N_c 8.8e13, alpha_D
+# 0.095, D_c 5.4e13; the joint L(N, D) of Eq. 1.5 is Table 2's fit: alpha_N 0.076, alpha_D 0.103, N_c 6.4e13, D_c 1.8e13.
+KAPLAN_LN_LD = {"alpha_N": 0.076, "alpha_D": 0.095, "N_c": 8.8e13, "D_c": 5.4e13}
+KAPLAN_ND = {"alpha_N": 0.076, "alpha_D": 0.103, "N_c": 6.4e13, "D_c": 1.8e13}
 NAMED_BUDGETS = {"GPT-3": 3.14e23, "Chinchilla": 5.76e23}  # training FLOPs (Brown et al. 2020; Hoffmann et al. 2022)
 HUBER_DELTA = 1e-3  # Hoffmann et al. 2022, App. D.2
 
