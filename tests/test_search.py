@@ -57,7 +57,7 @@ def test_published_allocations_and_budget_plan():
     c = 1e12
     assert kaplan_n(c) == pytest.approx(1.3e9 * (c / 8.64e19) ** 0.73)  # Kaplan et al. 2020, Eq. 6.1
     assert 6 * chinchilla_n(c) * 20 * chinchilla_n(c) == pytest.approx(c)  # C = 6ND with D = 20N
-    scfg = resolve_search({"mode": "quick", "budgets": "1e11,1e12"})
+    scfg = resolve_search({"mode": "quick", "budgets": "1e11,1e12", "anchors": "kaplan,chinchilla"})
     small, big = plan_budget(scfg, 1e11), plan_budget(scfg, 1e12)
     for p in (small, big):
         assert p.lo <= min(p.kaplan_rung, p.chinchilla_rung) and max(p.kaplan_rung, p.chinchilla_rung) <= p.hi

@@ -127,6 +127,9 @@ class SearchConfig:
     """Finished trials before pruning may act (MedianPruner n_startup_trials)."""
     workers: int = 1
     """Parallel worker processes per study (several need a server storage such as PostgreSQL)."""
+    anchors: str = "kaplan,chinchilla"
+    """Published allocations trained as seeded trials: kaplan, chinchilla, both (comma-separated) or none. The
+    first range is centred on them (on Chinchilla's size with none)."""
     pad: int = 2
     """Sizes searched above the larger seeded size."""
     pad_below: int = 0
@@ -165,6 +168,7 @@ class SearchConfig:
         validate_storage_url(self.storage)
         if not self.study_prefix or any(c.isspace() for c in self.study_prefix):
             raise ConfigError("study_prefix", self.study_prefix, "a non-empty name without spaces")
+        self.anchor_list()  # validates
         config.choice("sampler", self.sampler, SAMPLERS)
         config.choice("pruner", self.pruner, PRUNERS)
         for name in ("prune_warmup", "prune_startup", "pad", "pad_below", "widen", "bracket", "replicas"):
@@ -189,6 +193,15 @@ class SearchConfig:
     def seed(self) -> int:
         """Seed of the sampler and of every trial's training (same data order for every size)."""
         return self.train.seed
+
+    def anchor_list(self) -> tuple[str, ...]:
+        """The seeded allocations, validated."""
+        names = tuple(x.strip() for x in self.anchors.split(",") if x.strip())
+        if names == ("none",):
+            return ()
+        if not names or any(n not in ("kaplan", "chinchilla") for n in names) or len(set(names)) != len(names):
+            raise ConfigError("anchors", self.anchors, "kaplan, chinchilla, kaplan,chinchilla or none")
+        return names
 
     def hyper_rule(self) -> HyperRule:
         """The learning-rate and batch rule every trial uses (see ``hparams``)."""
@@ -223,8 +236,9 @@ SEARCH_MODES: dict[str, dict[str, Any]] = {
     "tiny": dict(budgets="6e9,1.8e10", sampler="grid", pad=1, widen=0, steps_target=40, batch_min=1, batch_max=64,
                  block_size=64, vocab_size=256, eval_tokens=2048, lr=3e-3, prune_startup=2, prune_warmup=5,
                  dtype="fp32"),
-    "quick": dict(budgets="3e10,1e11,3e11", sampler="grid", pad=1, widen=2, steps_target=2000, batch_min=1,
-                  batch_max=512, block_size=64, vocab_size=512, eval_tokens=16384, lr=3e-3, dtype="fp32"),
+    "quick": dict(budgets="3e10,1e11,3e11,1e12", anchors="chinchilla", sampler="grid", pad=2, pad_below=2,
+                  widen=4, bracket=2, replicas=2, hparams="fixed", steps_target=2000, batch_min=1, batch_max=512,
+                  block_size=64, vocab_size=512, eval_tokens=16384, lr=3e-3, dtype="fp32"),
     "standard": dict(budgets="1e15,3e15,1e16", sampler="tpe", trials=10, pad=2, widen=2, steps_target=3000,
                      batch_min=8, batch_max=512, block_size=256, vocab_size=config.GPT2_VOCAB,
                      dataset="wikitext-103", eval_tokens=131072, lr=1e-3, dtype="auto", compile="auto"),
@@ -288,10 +302,18 @@ class BudgetPlan:
     """Chinchilla's predicted N (total)."""
     widths: list[int] = field(default_factory=list)
     """n_embd of every family position (for messages)."""
+    anchors: tuple[str, ...] = ("kaplan", "chinchilla")
+    """The published allocations trained as seeded trials."""
 
     @property
     def seeds(self) -> list[tuple[str, int]]:
-        return [("kaplan", self.kaplan_rung), ("chinchilla", self.chinchilla_rung)]
+        rung = {"kaplan": self.kaplan_rung, "chinchilla": self.chinchilla_rung}
+        return [(a, rung[a]) for a in self.anchors]
+
+    @property
+    def twin_anchors(self) -> bool:
+        """Both anchors seeded on one size (the second reuses the first's result)."""
+        return len(self.anchors) == 2 and self.kaplan_rung == self.chinchilla_rung
 
 
 def study_name(scfg: SearchConfig, budget: float) -> str:
@@ -318,8 +340,11 @@ def plan_budget(scfg: SearchConfig, budget: float) -> BudgetPlan:
     total = [counting.n_params_total(m.n_layer, m.n_embd, m.n_vocab, m.block_size) for m in models]
     nk, nc = counting.kaplan_n(budget), counting.chinchilla_n(budget)
     rk, rc = min(nearest_rung(nk, nonembed), cap), min(nearest_rung(nc, total), cap)
-    lo, hi = max(0, min(rk, rc) - scfg.pad_below), min(cap, max(rk, rc) + scfg.pad)
-    return BudgetPlan(budget, study_name(scfg, budget), lo, hi, cap, rk, rc, nk, nc, [m.n_embd for m in models])
+    anchors = scfg.anchor_list()
+    centre = [{"kaplan": rk, "chinchilla": rc}[a] for a in anchors] or [rc]
+    lo, hi = max(0, min(centre) - scfg.pad_below), min(cap, max(centre) + scfg.pad)
+    return BudgetPlan(budget, study_name(scfg, budget), lo, hi, cap, rk, rc, nk, nc, [m.n_embd for m in models],
+                      anchors)
 
 
 def batch_for(tokens: float, scfg: SearchConfig) -> int:

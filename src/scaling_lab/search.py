@@ -449,7 +449,8 @@ class BudgetEstimate:
 
 
 def plan_search(scfg: SearchConfig, timed_seconds: float = SEARCH_TIMED_SECONDS) -> list[BudgetEstimate]:
-    """Every budget of ``scfg``: sizes searched, seeds, trials, time and FLOPs.
+    """Every budget of ``scfg``: sizes searched, seeds, trials (seed replicas of the 3 sizes nearest Chinchilla's
+    included), time and FLOPs.
 
     grid: every size in range once (a duplicate seed reuses the first's result). tpe/random: the two seeds
     plus trials-2 sampled sizes, costed at the mean over the range. Pruning can only shorten this.
@@ -457,18 +458,22 @@ def plan_search(scfg: SearchConfig, timed_seconds: float = SEARCH_TIMED_SECONDS)
     out = []
     for budget in scfg.budget_list():
         plan = plan_budget(scfg, budget)
-        alloc = {plan.kaplan_rung: "kaplan", plan.chinchilla_rung: "chinchilla"}
-        if plan.kaplan_rung == plan.chinchilla_rung:
-            alloc[plan.kaplan_rung] = "kaplan+chinchilla"
+        alloc: dict[int, str] = {}
+        for name, rung in plan.seeds:
+            alloc[rung] = f"{alloc[rung]}+{name}" if rung in alloc else name
         trials = []
-        for rung in range(plan.lo, plan.hi + 1):
+        for rung in sorted(set(range(plan.lo, plan.hi + 1)) | {r for _, r in plan.seeds}):
             cfg = trial_config(scfg, budget, rung)
             trials.append(TrialEstimate(rung, alloc.get(rung, "search"), cfg, estimate_run(cfg, timed_seconds=timed_seconds)))
         seeds = [t for t in trials if t.allocation != "search"]
         if scfg.sampler == "grid":
-            n = len(trials) + (plan.kaplan_rung == plan.chinchilla_rung)
+            n = len(trials) + plan.twin_anchors
             total = sum(t.est.total_s for t in trials)
             flops = sum(t.est.plan.counts[f"flops_{scfg.flops_rule}"] for t in trials)
+            middle = sorted(trials, key=lambda t: abs(t.rung - plan.chinchilla_rung))[:3]  # where the best should be
+            n += scfg.replicas * len(middle)
+            total += scfg.replicas * sum(t.est.total_s for t in middle)
+            flops += scfg.replicas * sum(t.est.plan.counts[f"flops_{scfg.flops_rule}"] for t in middle)
         else:
             n = max(scfg.trials, 2)
             mean_s = sum(t.est.total_s for t in trials) / len(trials)

@@ -207,7 +207,7 @@ def target_trials(scfg: SearchConfig, plan: BudgetPlan, study) -> int:
     if scfg.sampler == "grid":
         rungs = set(range(plan.lo, plan.hi + 1)) | {r for _, r in plan.seeds}
         extra = {rung_of(t) for t in trials if t.state.name in ("COMPLETE", "PRUNED") and not replica_of(t)}
-        return len(rungs | extra) + len(replicas) + (plan.kaplan_rung == plan.chinchilla_rung)
+        return len(rungs | extra) + len(replicas) + plan.twin_anchors
     return max(scfg.trials, 2) + len(replicas)
 
 
