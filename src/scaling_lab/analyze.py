@@ -34,7 +34,8 @@ class AnalyzeConfig:
     """What to read, how to fit, where to write. Field names = MLproject parameters = CLI flags."""
 
     source: str = "mlflow"
-    """mlflow (runs in the tracking store), csv (a table of results) or simulate (a known law plus noise)."""
+    """mlflow (runs in the tracking store), csv (a table of results; the default when csv is given) or simulate
+    (a known law plus noise)."""
     experiment: str = "scaling-lab"
     """MLflow experiment(s) to read runs from (comma-separated; '*' = every experiment); the first logs the run."""
     parent_run: str = ""
@@ -44,7 +45,7 @@ class AnalyzeConfig:
     filter_string: str = ""
     """Extra MLflow search filter, e.g. \"params.mode = 'quick'\"."""
     csv: str = ""
-    """CSV file of results (source=csv)."""
+    """CSV file of results; given alone it selects source=csv."""
     columns: str = ""
     """CSV column map 'params=COL,tokens=COL,flops=COL,loss=COL[,budget=COL,run=COL]' (default: same names)."""
     out: str = ""
@@ -78,6 +79,8 @@ class AnalyzeConfig:
             raise ConfigError("convention", self.convention, "one of " + ", ".join(CONVENTION_CHOICES))
         if self.source == "csv" and not self.csv:
             raise ConfigError("csv", self.csv, "a CSV file path when source=csv")
+        if self.csv and self.source != "csv":  # csv= alone selects CSV input (parse_config)
+            raise ConfigError("source", self.source, f"csv (or left unset) when csv={self.csv} is given")
         if not (isinstance(self.bootstrap, int) and self.bootstrap >= 0 and self.bootstrap != 1):
             raise ConfigError("bootstrap", self.bootstrap, "0 (off) or an integer >= 2")
         if not 0 <= self.rtol < 1:
@@ -107,8 +110,12 @@ def parse_budgets(spec: str) -> list[float]:
 
 
 def parse_config(raw: dict[str, Any]) -> AnalyzeConfig:
-    """Strings (CLI / MLproject) -> a validated AnalyzeConfig (the one parser: '' leaves a field at its default)."""
-    return AnalyzeConfig(**config.parse_fields(raw, config.types_of(AnalyzeConfig)))
+    """Strings (CLI / MLproject) -> a validated AnalyzeConfig (the one parser: '' leaves a field at its default).
+    ``csv=PATH`` without an explicit source means source=csv."""
+    given = config.parse_fields(raw, config.types_of(AnalyzeConfig))
+    if given.get("csv") and "source" not in given:
+        given["source"] = "csv"
+    return AnalyzeConfig(**given)
 
 
 def load(cfg: AnalyzeConfig) -> RunTable:

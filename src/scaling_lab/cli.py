@@ -1,6 +1,7 @@
 """Every entry point's ``main``: argv -> config -> library call -> exit code. Flags are named exactly like the
-config fields (``--name value`` or ``--name=value``); MLproject's ``mlproject/*.py`` and ``analysis/*.py`` call
-these. No other library module parses argv.
+config fields (``--name value`` or ``--name=value``; a boolean alone, ``--dry_run``, means true); MLproject's
+``mlproject/*.py`` and ``analysis/*.py`` call these, and ``main`` is the ``scaling-lab`` console script
+(``scaling-lab train|search|analyze|doctor[|tune] ...``). No other library module parses argv.
 
 Exit codes: 0 done; 2 a user mistake (one line naming the parameter, no traceback, the launched run FAILED);
 1 training or workers failed; 75 metrics kept in the checkpoint (store away); 130 interrupted.
@@ -9,6 +10,7 @@ Exit codes: 0 done; 2 a user mistake (one line naming the parameter, no tracebac
 from __future__ import annotations
 
 import argparse
+import contextvars
 import sys
 import time
 from collections.abc import Callable
@@ -30,31 +32,95 @@ from scaling_lab.train import NullLogger, resume_config, train
 USER_ERRORS = (ConfigError, DataUnavailable)
 
 
-def parser_for(names: list[str], description: str) -> argparse.ArgumentParser:
-    """One ``--name`` flag per field name (for --help); values stay strings (config.parse_fields types them)."""
-    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
+# Allowed values --help lists, by field name (device also takes cuda:N).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "mode": tuple(config.MODES), "flops_rule": config.FLOPS_RULES, "device": (*config.DEVICES, "cuda:N"),
+    "dtype": config.DTYPES, "compile": config.COMPILE_CHOICES, "tokenizer": config.TOKENIZERS,
+    "sampler": isoflop.SAMPLERS, "pruner": isoflop.PRUNERS, "source": analyze.SOURCES,
+    "convention": analyze.CONVENTION_CHOICES, "hparams": ("fixed", "tuned", "<tuning JSON path>"),
+}
+# One line per subcommand of the ``scaling-lab`` script; also each entry point's --help description.
+SUMMARIES = {
+    "train": "Train one GPT configuration, every step logged to MLflow.",
+    "search": "Optuna isoFLOP studies, one per budget: Kaplan against Chinchilla.",
+    "analyze": "Fit scaling laws to stored runs, a CSV or a simulation; write a report and log it to MLflow.",
+    "doctor": "Check device, memory, stores, tokenizer and data for a mode.",
+    "tune": "",  # cli.main_tune's docstring, when it exists
+}
+_PROG: contextvars.ContextVar[str | None] = contextvars.ContextVar("prog", default=None)  # "scaling-lab train"
+
+
+def _shown(v: Any) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else repr(v) if v == "" else str(v)
+
+
+def option_help(name: str, owners: tuple[type, ...], preset: dict[str, Any]) -> str:
+    """One option's --help line: the field's docstring, its default (the default mode's preset when it sets one)
+    and its allowed values where known."""
+    docs: dict[str, str] = {}
+    defaults: dict[str, Any] = {}
+    for cls in reversed(owners):  # the first owner wins
+        docs.update(config.field_docs(cls))
+        defaults.update(config.field_defaults(cls))
+    text = docs.get(name, "")
+    extra = []
+    if name in preset:
+        extra.append(f"default: {_shown(preset[name])} (mode {defaults.get('mode', 'default')}; each mode sets it)")
+    elif name in defaults:
+        extra.append(f"default: {_shown(defaults[name])}")
+    if name in CHOICES:
+        extra.append("one of: " + ", ".join(CHOICES[name]))
+    if extra:
+        text += f" [{'; '.join(extra)}]"
+    return text.replace("%", "%%")  # argparse %-formats help strings
+
+
+def _types(owners: tuple[type, ...]) -> dict[str, type]:
+    out: dict[str, type] = {}
+    for cls in reversed(owners):
+        out.update(config.types_of(cls))
+    return out
+
+
+def parser_for(names: list[str], description: str, owners: tuple[type, ...] = (),
+               preset: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """One ``--name`` flag per field name, for --help: each with its docstring, default and allowed values from
+    the ``owners`` dataclasses; values stay strings (config.parse_fields types them)."""
+    p = argparse.ArgumentParser(prog=_PROG.get(), description=description, allow_abbrev=False,
+                                epilog="Flags: --name value or --name=value; a boolean flag given alone means true.")
+    types = _types(owners)
     for name in names:
-        p.add_argument(f"--{name}", default=None, metavar=name.upper())
+        meta = {bool: "true|false", int: "INT", float: "NUMBER"}.get(types.get(name), "TEXT")
+        p.add_argument(f"--{name}", default=None, metavar=meta, nargs="?" if types.get(name) is bool else None,
+                       help=option_help(name, owners, preset or {}))
     return p
 
 
-def parse(argv: list[str], names: list[str], description: str) -> dict[str, Any]:
+def parse(argv: list[str], names: list[str], description: str, owners: tuple[type, ...] = (),
+          preset: dict[str, Any] | None = None) -> dict[str, Any]:
     """``--name value`` or ``--name=value`` pairs -> {name: value}. Values may start with '-' (e.g. -1e12),
-    so they are paired by position rather than by argparse; an unknown name raises ConfigError."""
+    so they are paired by position rather than by argparse; a boolean field of ``owners`` given alone (followed
+    by another ``--name`` or nothing) means 'true'; an unknown name raises ConfigError. ``owners`` and
+    ``preset`` (the default mode's values) feed --help."""
     if any(a in ("-h", "--help") for a in argv):
-        parser_for(names, description).print_help()
+        parser_for(names, description, owners, preset).print_help()
         raise SystemExit(0)
+    bools = {n for n, t in _types(owners).items() if t is bool}
     out: dict[str, Any] = {}
     i = 0
     while i < len(argv):
         tok = argv[i]
         if not tok.startswith("--"):
             raise ConfigError("arguments", tok, "--name value pairs with names from " + ", ".join(names))
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
         if "=" in tok:
             name, value = tok[2:].split("=", 1)
             i += 1
+        elif tok[2:] in bools and (nxt is None or nxt.startswith("--")):
+            name, value = tok[2:], "true"  # a bare boolean flag
+            i += 1
         else:
-            name, value = tok[2:], argv[i + 1] if i + 1 < len(argv) else None
+            name, value = tok[2:], nxt
             i += 2
         if name not in names:
             raise ConfigError(name, value, "one of " + ", ".join(names))
@@ -62,6 +128,42 @@ def parse(argv: list[str], names: list[str], description: str) -> dict[str, Any]
             raise ConfigError(name, value, "a value after --" + name)
         out[name] = value
     return out
+
+
+def _commands() -> dict[str, Callable[[list[str]], int]]:
+    """The subcommands that exist now: main_<name> of this module (tune only once cli.main_tune is defined)."""
+    return {n: globals()[f"main_{n}"] for n in SUMMARIES if callable(globals().get(f"main_{n}"))}
+
+
+def _summary(name: str, fn: Callable) -> str:
+    return SUMMARIES.get(name) or (fn.__doc__ or "").strip().split("\n")[0]
+
+
+def usage() -> str:
+    """``scaling-lab --help``: the subcommands, one line each."""
+    cmds = _commands()
+    width = max(map(len, cmds))
+    return "\n".join(["usage: scaling-lab <command> [--name value ...]   (scaling-lab <command> --help for its flags)",
+                      "", "MLflow-tracked GPT training and Optuna isoFLOP search for measuring LM scaling laws.", "",
+                      "commands:", *(f"  {n:<{width}}  {_summary(n, f)}" for n, f in cmds.items())])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``scaling-lab`` console script: ``scaling-lab <command> [--name value ...]`` runs cli.main_<command>
+    (the same entry points as MLproject's), flags named like the config fields."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    cmds = _commands()
+    if argv[0] not in cmds:
+        error(f"unknown command '{argv[0]}': use one of {', '.join(cmds)} (scaling-lab --help)")
+        return 2
+    token = _PROG.set(f"scaling-lab {argv[0]}")
+    try:
+        return cmds[argv[0]](argv[1:])
+    finally:
+        _PROG.reset(token)
 
 
 def error(msg: str) -> None:
@@ -96,7 +198,8 @@ def run_name(cfg: config.RunConfig) -> str:
 
 def _train_config(argv: list[str]) -> config.RunConfig:
     """Flags -> a validated RunConfig whose budget, device and data are checked before any run exists."""
-    args = parse(argv, config.field_names(), "Train one GPT configuration, every step logged to MLflow.")
+    args = parse(argv, config.field_names(), SUMMARIES["train"], (config.RunConfig,),
+                 config.MODES["quick"])
     if args.get("resume"):
         cfg = resume_config(args["resume"], args.get("checkpoint_dir") or config.TrainConfig.checkpoint_dir)
         cfg.dry_run = config.parse_value("dry_run", args.get("dry_run") or "false")  # not stored in checkpoints
@@ -170,7 +273,8 @@ def main_train(argv: list[str]) -> int:
 
 
 def _search_config(argv: list[str]) -> isoflop.SearchConfig:
-    args = parse(argv, isoflop.SEARCH_FIELDS, "Optuna isoFLOP studies, one per budget: Kaplan against Chinchilla.")
+    args = parse(argv, isoflop.SEARCH_FIELDS, SUMMARIES["search"], (isoflop.SearchConfig,),
+                 isoflop.SEARCH_MODES["quick"])
     scfg = isoflop.resolve_search(args)
     for c in scfg.budget_list():
         isoflop.plan_budget(scfg, c)
@@ -230,8 +334,7 @@ def main_analyze(argv: list[str]) -> int:
     t0 = time.perf_counter()
 
     def fit() -> tuple:
-        cfg = analyze.parse_config(parse(argv, analyze.field_names(), "Fit scaling laws to stored runs, a CSV or a "
-                                                                      "simulation; write a report and log it to MLflow."))
+        cfg = analyze.parse_config(parse(argv, analyze.field_names(), SUMMARIES["analyze"], (analyze.AnalyzeConfig,)))
         study = analyze.load(cfg)
         return cfg, study, *analyze.analyze_study(study, cfg)
 
@@ -265,7 +368,8 @@ def main_doctor(argv: list[str]) -> int:
     """The ``doctor`` entry point. Exit 0 when ready, 1 when a check the mode needs fails, 2 on bad flags."""
     launched = tracking.launched_run_id()  # `mlflow run -e doctor` made a run: it records this check
     try:
-        args = parse(argv, doctor.DOCTOR_FIELDS, "Check device, memory, stores, tokenizer and data for a mode.")
+        args = parse(argv, doctor.DOCTOR_FIELDS, SUMMARIES["doctor"], (config.RunConfig, isoflop.SearchConfig),
+                     config.MODES["quick"])
     except ConfigError as exc:
         error(str(exc))
         return 2

@@ -8,8 +8,12 @@ strings into typed values with ``parse_fields``: a value is unset only when abse
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 import math
+import textwrap
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -115,7 +119,8 @@ class TrainConfig:
     flops: float = 0.0
     """Training compute C in FLOPs under flops_rule (0 = use tokens)."""
     flops_rule: str = "total"
-    """FLOPs per token rule that turns C into D: kaplan (6N), total (6N_total), chinchilla (App. F)."""
+    """FLOPs per token rule that turns C into D: kaplan (6N), total (6N_total), chinchilla (App. F), exact
+    (the matmul FLOPs the model does)."""
     batch_size: int = 16
     """Sequences per optimizer step (the target batch)."""
     micro_batch: int = 0
@@ -282,6 +287,33 @@ def types_of(cls: type) -> dict[str, type]:
             out.update(types_of(t))
         else:
             out[name] = t
+    return out
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: its attribute docstring (the string under the field), whitespace folded} of a dataclass,
+    read once from its source; the fields of its dataclass-typed parts flattened in (its own docs win)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    own = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
+           if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+           and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)}
+    parts: dict[str, str] = {}
+    for name, t in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(t) and name in {f.name for f in fields(cls)}:
+            parts.update(field_docs(t))
+    return {**parts, **own}
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+    """{field name: dataclass default} of a dataclass, the defaults of its parts' fields flattened in."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(field_defaults(hints[f.name]))
+        elif f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
     return out
 
 

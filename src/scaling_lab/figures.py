@@ -2,12 +2,14 @@
 
 Every function takes the analysis' data and fit results (see ``scaling_lab.analyze``) and returns the paths it
 wrote. Inputs are plain numpy/pandas objects so the figures can be redrawn from ``fits.json`` and a runs table.
+Before saving, ``tidy_ticks`` keeps tick labels apart (log axes labelled at decades or a few 1-2-5 values);
+``ON_FIGURE`` lets tests look at each finished figure.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib import ticker  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from scaling_lab import laws  # noqa: E402
 
@@ -31,14 +35,103 @@ KAPLAN_COLOR, CHINCHILLA_COLOR, FIT_COLOR = "#d62728", "#1f77b4", "#222222"
 REFERENCE_MODELS = {"GPT-3": (3.14e23, 175e9, 300e9), "Chinchilla": (5.76e23, 70e9, 1.4e12)}
 
 
-def _save(fig, folder: Path, name: str) -> list[Path]:
+# Called with each finished figure and its name just before it is saved (tests check the layout with it).
+ON_FIGURE: Callable[[Figure, str], None] | None = None
+GAP_PX = 2.0  # tick labels on one axis keep at least this far apart
+
+
+def _save(fig: Figure, folder: Path, name: str) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{name}.png", folder / f"{name}.svg"]
-    fig.tight_layout()
+    return _write(fig, paths, name)
+
+
+def _write(fig: Figure, paths: list[Path], name: str, dpi: float | None = None) -> list[Path]:
+    """Lay out (readable ticks on every axis), save to each path, close."""
+    tidy_ticks(fig)
+    if ON_FIGURE is not None:
+        ON_FIGURE(fig, name)
     for p in paths:
-        fig.savefig(p, metadata={"Date": None} if p.suffix == ".svg" else None)
+        fig.savefig(p, dpi=dpi, metadata={"Date": None} if p.suffix == ".svg" else None)
     plt.close(fig)
     return paths
+
+
+# --------------------------------------------------------------------------- readable ticks
+
+
+def _sci(x: float, _pos: Any = None) -> str:
+    """2×10³ style (10³ for a decade)."""
+    k = math.floor(math.log10(x) + 1e-9)
+    m = x / 10.0**k
+    return f"$10^{{{k}}}$" if abs(m - 1) < 1e-6 else f"${m:.2g}\\times10^{{{k}}}$"
+
+
+def log_ticks(axis: Any) -> None:
+    """A log axis labelled only at decades when it spans two or more, else at a few 1-2-5 (then 1-2-3-5) values;
+    minor ticks unlabelled (matplotlib labels them all below a decade: '2×10³3×10³4×10³')."""
+    lo, hi = sorted(axis.get_view_interval())
+    if not (lo > 0 and math.isfinite(hi) and hi > lo):
+        return
+    k0, k1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    near = lambda v: lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)
+    if sum(near(10.0**k) for k in range(k0, k1 + 1)) >= 2:
+        axis.set_major_locator(ticker.LogLocator(base=10, numticks=8))
+        axis.set_major_formatter(ticker.LogFormatterSciNotation(labelOnlyBase=True))
+    else:
+        ticks: list[float] = []
+        for subs in ((1, 2, 5), (1, 2, 3, 5), tuple(range(1, 10))):
+            ticks = [m * 10.0**k for k in range(k0, k1 + 1) for m in subs if near(m * 10.0**k)]
+            if len(ticks) >= 2:
+                break
+        axis.set_major_locator(ticker.FixedLocator(ticks or [math.sqrt(lo * hi)]))
+        axis.set_major_formatter(ticker.FuncFormatter(_sci))
+    axis.set_minor_locator(ticker.LogLocator(base=10, subs=tuple(range(2, 10)), numticks=12))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
+class _EveryK(ticker.Formatter):
+    """Another formatter's labels on every k-th tick only."""
+
+    def __init__(self, base: ticker.Formatter, k: int):
+        self.base, self.k = base, k
+
+    def set_locs(self, locs: Any) -> None:
+        self.base.set_locs(locs)
+        super().set_locs(locs)
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return self.base(x, pos) if pos is None or pos % self.k == 0 else ""
+
+    def get_offset(self) -> str:
+        return self.base.get_offset()
+
+
+def _crowded(axis: Any, renderer: Any) -> bool:
+    """Do two drawn tick labels of ``axis`` come closer than GAP_PX? (_update_ticks: the ticks a draw shows.)"""
+    boxes = [t.label1.get_window_extent(renderer) for t in axis._update_ticks()
+             if t.label1.get_visible() and t.label1.get_text()]
+    return any(a.padded(GAP_PX / 2).overlaps(b.padded(GAP_PX / 2)) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def tidy_ticks(fig: Figure) -> None:
+    """Every log axis gets ``log_ticks``; the layout is tightened; then, on any axis whose labels still touch,
+    minor labels go and major labels are thinned to every 2nd, 3rd, ... tick until none do."""
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() == "log":
+                log_ticks(axis)
+    fig.tight_layout()
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            base, k = axis.get_major_formatter(), 1
+            while _crowded(axis, renderer) and k < 12:
+                k += 1
+                axis.set_minor_formatter(ticker.NullFormatter())
+                axis.set_major_formatter(_EveryK(base, k))
+                fig.canvas.draw()
 
 
 def _colors(n: int) -> list:
@@ -71,7 +164,7 @@ def isoflop(N: np.ndarray, L: np.ndarray, labels: np.ndarray, fit: laws.IsoFlopF
         lo, hi = np.nanmin(L), np.nanmax(L)
         ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
         ax.set_title(title)
-        ax.legend(title="budget (FLOPs); * = minimum", loc="upper right")
+        ax.legend(title="budget (FLOPs); * = minimum", loc="best")
         return _save(fig, folder, name)
 
 
@@ -80,7 +173,7 @@ def optimal_vs_compute(fits: dict[str, Any], boot: dict[str, np.ndarray], folder
     """N_opt and D_opt against C: Approach 1/2 points, fitted lines with 95% bands, Kaplan (0.73) and
     Chinchilla (0.50) reference slopes through the middle of the fitted range."""
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+        fig, axes = plt.subplots(1, 2, figsize=(9, 4.8))
         for ax, what, ref in ((axes[0], "n", (laws.KAPLAN_A, laws.CHINCHILLA_A)),
                               (axes[1], "d", (1 - laws.KAPLAN_A, 1 - laws.CHINCHILLA_A))):
             cs_all = []
@@ -118,7 +211,7 @@ def optimal_vs_compute(fits: dict[str, Any], boot: dict[str, np.ndarray], folder
             ax.set_yscale("log")
             ax.set_xlabel("compute C (FLOPs)")
             ax.set_ylabel("N_opt (parameters)" if what == "n" else "D_opt (tokens)")
-            ax.legend(loc="upper left")
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # below the axes: off the data
         fig.suptitle(title)
         return _save(fig, folder, name)
 
@@ -148,7 +241,7 @@ def contours(fit: laws.ChinchillaFit, N: np.ndarray, D: np.ndarray, budgets: Seq
         ax.set_xlabel("parameters N")
         ax.set_ylabel("tokens D")
         ax.set_title(title)
-        ax.legend(loc="upper right")
+        ax.legend(loc="best")
         return _save(fig, folder, name)
 
 
@@ -245,7 +338,7 @@ def extrapolation(fits: dict[str, Any], boot: dict[str, np.ndarray], fitted_rang
         ax.set_xlabel("compute C (FLOPs)")
         ax.set_ylabel("compute-optimal N")
         ax.set_title(title)
-        ax.legend(loc="upper left")
+        ax.legend(loc="best")
         return _save(fig, folder, name)
 
 
@@ -288,7 +381,7 @@ def overlay(N: np.ndarray, L: np.ndarray, labels: np.ndarray, fit: laws.IsoFlopF
         ax.set_xlabel("parameters N")
         ax.set_ylabel("validation loss (nats/token)")
         ax.set_title(title)
-        ax.legend(title="dots/star measured; dashed/x predicted", loc="upper right")
+        ax.legend(title="dots/star measured; dashed/x predicted", loc="best")
         C = np.array(fit.budgets)
         cg = np.exp(np.linspace(math.log(C.min()) - 0.3, math.log(C.max()) + 0.3, 100))
         bx.scatter(C, fit.n_opt, color=FIT_COLOR, zorder=3, label=f"measured minima (Approach 2, a = {fit.a:.2f})")
@@ -299,7 +392,7 @@ def overlay(N: np.ndarray, L: np.ndarray, labels: np.ndarray, fit: laws.IsoFlopF
         bx.set_xlabel("training FLOPs C")
         bx.set_ylabel("compute-optimal N")
         bx.set_title("N_opt: measured against predicted")
-        bx.legend(loc="upper left")
+        bx.legend(loc="best")
         return _save(fig, folder, name)
 
 
@@ -307,15 +400,13 @@ def loss_curve(history: Sequence[float], path: Path, title: str) -> bool:
     """One run's train/loss per optimizer step (the run's loss_curve.png); False when there is nothing to draw."""
     if not history:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(range(1, len(history) + 1), history, lw=1)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("train loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(range(1, len(history) + 1), history, lw=1)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("train loss (nats/token)")
+        ax.set_title(title)
+        _write(fig, [Path(path)], "loss_curve", dpi=100)
     return True
 
 
@@ -325,26 +416,25 @@ def study_loss_vs_n(points: Sequence[tuple[float, float, str]], pruned: Sequence
     seeded ones marked; ``pruned`` (N, last reported loss) as open circles; ``best`` circled."""
     if not points and not pruned:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    style = {"search": ("o", "tab:gray"), "kaplan": ("s", "tab:red"), "chinchilla": ("D", "tab:blue")}
-    for alloc, (marker, color) in style.items():
-        xs = [(n, v) for n, v, a in points if a == alloc]
-        if xs:
-            ax.scatter(*zip(*xs), marker=marker, color=color, label=f"{alloc}", zorder=3)
-    if pruned:
-        ax.scatter(*zip(*pruned), facecolors="none", edgecolors="k", label="pruned (last report)", zorder=2)
-    if points:
-        ax.plot(*zip(*sorted((n, v) for n, v, _ in points)), color="k", lw=0.8, alpha=0.5)
-    if best is not None:
-        ax.scatter([best[0]], [best[1]], marker="o", s=260, facecolors="none", edgecolors="goldenrod",
-                   linewidths=2, zorder=4, label="best")
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters N (total)")
-    ax.set_ylabel("final val/loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        style = {"search": ("o", "tab:gray"), "kaplan": ("s", "tab:red"), "chinchilla": ("D", "tab:blue")}
+        for alloc, (marker, color) in style.items():
+            xs = [(n, v) for n, v, a in points if a == alloc]
+            if xs:
+                ax.scatter(*zip(*xs), marker=marker, color=color, label=f"{alloc}", zorder=3)
+        if pruned:
+            ax.scatter(*zip(*pruned), facecolors="none", edgecolors="k", label="pruned (last report)", zorder=2)
+        if points:
+            ax.plot(*zip(*sorted((n, v) for n, v, _ in points)), color="k", lw=0.8, alpha=0.5)
+        if best is not None:
+            ax.scatter([best[0]], [best[1]], marker="o", s=260, facecolors="none", edgecolors="goldenrod",
+                       linewidths=2, zorder=4, label="best")
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters N (total)")
+        ax.set_ylabel("final val/loss (nats/token)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8, loc="best")
+        _write(fig, [Path(path)], "loss_vs_n", dpi=100)
     return True
