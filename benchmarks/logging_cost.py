@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-KEYS = ("train/loss", "lr", "grad_norm", "tokens_seen", "flops_seen", "step_time_ms", "tokens_per_s")
+KEYS = ("train/loss", "train/lr", "train/grad_norm", "progress/tokens_seen", "progress/flops_seen", "perf/step_time_ms",
+            "perf/tokens_per_s")
 
 
 def free_port() -> int:

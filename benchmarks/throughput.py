@@ -114,7 +114,7 @@ def platform_loop(shape: dict, dtype: str, compile_on: bool, warmup: int, steps:
     log = MemoryLogger()
     t0 = time.perf_counter()
     res = train(cfg, log, progress=False)
-    step_ms = [v for s, v in log.history("step_time_ms") if s > warmup]
+    step_ms = [v for s, v in log.history("perf/step_time_ms") if s > warmup]
     return {"s_per_step": sum(step_ms) / len(step_ms) / 1000, "wall_s": time.perf_counter() - t0,
             "final_loss": res.history[-1]}
 

@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "mlproject" / "main.py"
 SEARCH = ROOT / "mlproject" / "search.py"
-PER_STEP = ("train/loss", "lr", "grad_norm", "tokens_seen", "flops_seen", "step_time_ms", "tokens_per_s")
+PER_STEP = ("train/loss", "train/lr", "train/grad_norm", "progress/tokens_seen", "progress/flops_seen", "perf/step_time_ms",
+            "perf/tokens_per_s")
 
 
 # --------------------------------------------------------------------------- a test's MLflow store

@@ -66,8 +66,8 @@ def test_dry_run_creates_nothing_and_matches_the_real_run(tiny, store, capsys):
     for rule in config.FLOPS_RULES:
         assert float(params[f"flops_{rule}"]) == pytest.approx(plan[f"flops_{rule}"], rel=1e-6), rule
     # the run compares itself with its estimate: metric and summary line agree
-    err = metrics["estimate_error"]
-    assert math.isfinite(err) and metrics["estimate_s"] > 0
+    err = metrics["estimate/error"]
+    assert math.isfinite(err) and metrics["estimate/seconds"] > 0
     shown = int(re.search(r"estimate_error ([+-]\d+)%", out).group(1))
     assert shown == round(100 * err)
 
@@ -101,8 +101,9 @@ def _env(store: Path, **extra) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_mlflow_run_dry_run_leaves_no_live_run(tiny, store):
-    params = [x for k, v in {**tiny, "dry_run": "true", "experiment": "dry"}.items() for x in ("-P", f"{k}={v}")]
-    proc = subprocess.run([sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", *params],
+    params = [x for k, v in {**tiny, "dry_run": "true"}.items() for x in ("-P", f"{k}={v}")]
+    proc = subprocess.run([sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
+                           "--experiment-name", "dry", *params],
                           cwd=store, env=_env(store), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "dry run (tiny)" in proc.stdout
@@ -133,7 +134,7 @@ def test_estimate_within_factor_two_of_a_short_real_run(data_dir, store):
     assert len(runs) == 1
     metrics = runs[0].data.metrics
     wall = float(re.search(r"tokens in ([\d.]+) s", proc.stdout).group(1))
-    est = metrics["estimate_s"]
-    assert metrics["estimate_error"] == pytest.approx(est / wall - 1, abs=0.02)  # wall printed to 0.1 s
+    est = metrics["estimate/seconds"]
+    assert metrics["estimate/error"] == pytest.approx(est / wall - 1, abs=0.02)  # wall printed to 0.1 s
     assert 0.5 <= est / wall <= 2.0, proc.stdout
     assert (store / "cache" / estimate.CALIBRATION_FILE).exists()

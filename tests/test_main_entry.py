@@ -82,9 +82,8 @@ def _mlflow_run(args: list[str], store: Path, timeout: int = 300) -> subprocess.
 
 @pytest.mark.slow
 def test_mlflow_run_tiny_end_to_end(tiny, store):
-    params = [x for k, v in {**tiny, "checkpoint_dir": str(store / "ck"), "experiment": "e2e"}.items()
-              for x in ("-P", f"{k}={v}")]
-    proc = _mlflow_run(params, store)
+    params = [x for k, v in {**tiny, "checkpoint_dir": str(store / "ck")}.items() for x in ("-P", f"{k}={v}")]
+    proc = _mlflow_run(["--experiment-name", "e2e", *params], store)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FINISHED: val/loss" in proc.stdout
     runs = _runs(store)
@@ -97,6 +96,19 @@ def test_mlflow_run_tiny_end_to_end(tiny, store):
     assert run.data.params["resolved.n_embd"] == "32"  # as used
     assert run.data.tags["mlflow.project.entryPoint"] == "main"
     assert run.data.tags["scaling_lab.kind"] == "train"
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.name == "e2e" and exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert [e.name for e in client.search_experiments()] in (["e2e", "Default"], ["Default", "e2e"])  # none empty
+
+
+@pytest.mark.slow
+def test_mlflow_run_experiment_param_that_mlflow_did_not_use_is_refused(tiny, store):
+    params = [x for k, v in {**tiny, "experiment": "lab"}.items() for x in ("-P", f"{k}={v}")]
+    proc = _mlflow_run(params, store)
+    assert proc.returncode == 2
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert "parameter 'experiment'" in line and "--experiment-name lab" in line and "Traceback" not in proc.stderr
+    assert [r.info.status for r in _runs(store)] == ["FAILED"]
 
 
 @pytest.mark.slow

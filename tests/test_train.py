@@ -38,7 +38,8 @@ def test_real_run_logs_every_step_and_loss_falls(tiny, store):
     hist = client.get_metric_history(result.run_id, "train/loss")
     steps = sorted(m.step for m in hist)
     assert steps == list(range(1, 121))  # one point per optimizer step, none subsampled or repeated
-    for key in ("lr", "grad_norm", "tokens_seen", "flops_seen", "step_time_ms", "tokens_per_s"):
+    for key in ("train/lr", "train/grad_norm", "progress/tokens_seen", "progress/flops_seen", "perf/step_time_ms",
+                "perf/tokens_per_s"):
         assert len(client.get_metric_history(result.run_id, key)) == 120
     losses = [m.value for m in sorted(hist, key=lambda m: m.step)]
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.5
@@ -53,7 +54,14 @@ def test_real_run_logs_every_step_and_loss_falls(tiny, store):
     assert run.data.metrics["final/val_loss"] == pytest.approx(result.val_loss)
     assert bpb == pytest.approx(result.val_loss / math.log(2), rel=0.05)  # 256-rank vocab: ~1 byte per token
     # the final loss is well below the unigram entropy of the data (the model learned context)
-    assert result.val_loss < run.data.metrics["data/unigram_entropy"]
+    assert result.val_loss < float(run.data.params["data.unigram_entropy"])
+    # the train and validation text as dataset inputs (the UI's Dataset column), content hash as digest
+    inputs = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "validation"}
+    assert inputs["train"].name.endswith("/test") and inputs["validation"].name.endswith("/validation")
+    assert len(inputs["train"].digest) == 16 and inputs["train"].digest != inputs["validation"].digest
+    assert float(p["epochs"]) == pytest.approx(61440 / int(p["data.train_tokens"]), rel=1e-3)
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     tags = run.data.tags
     assert tags["mode"] == "tiny" and tags["device"] == "cpu" and "git_commit" in tags
     arts = {a.path for a in client.list_artifacts(result.run_id)}

@@ -196,10 +196,20 @@ def run_name(cfg: config.RunConfig) -> str:
     return cfg.run_name or f"{cfg.mode}-L{m.n_layer}-d{m.n_embd}-V{cfg.data.vocab_size}-{budget}".replace("+", "")
 
 
-def _train_config(argv: list[str]) -> config.RunConfig:
-    """Flags -> a validated RunConfig whose budget, device and data are checked before any run exists."""
+def _train_config(argv: list[str], launched: str | None = None) -> config.RunConfig:
+    """Flags -> a validated RunConfig whose budget, device and data are checked before any run exists. Under
+    ``mlflow run`` the run already lives in the experiment ``--experiment-name`` chose: an unset ``experiment`` is
+    that one, a different one is refused (the run cannot move, and an empty experiment would be left behind)."""
     args = parse(argv, config.field_names(), SUMMARIES["train"], (config.RunConfig,),
                  config.MODES["quick"])
+    if launched and not args.get("resume"):
+        where = tracking.run_experiment(launched)
+        if config.is_unset(args.get("experiment")):
+            args["experiment"] = where
+        elif args["experiment"].strip() != where:
+            raise ConfigError("experiment", args["experiment"], f"the experiment mlflow run created this run in "
+                              f"('{where}'): pass --experiment-name {args['experiment'].strip()} to mlflow run "
+                              "instead of -P experiment")
     if args.get("resume"):
         cfg = resume_config(args["resume"], args.get("checkpoint_dir") or config.TrainConfig.checkpoint_dir)
         cfg.dry_run = config.parse_value("dry_run", args.get("dry_run") or "false")  # not stored in checkpoints
@@ -226,7 +236,7 @@ def dry_run_train(cfg: config.RunConfig, launched: str | None) -> int:
 def main_train(argv: list[str]) -> int:
     """The ``main`` entry point: resolve the config, train one run, print the summary line."""
     launched = tracking.launched_run_id()  # the run `mlflow run` created and logged params into
-    cfg, code = guarded(launched, lambda: _train_config(argv))
+    cfg, code = guarded(launched, lambda: _train_config(argv, launched))
     if code is not None:
         return code
     if cfg.dry_run:
@@ -246,8 +256,8 @@ def main_train(argv: list[str]) -> int:
                 log.set_tags({"world_size": world})
             result = train(cfg, log)
             if est is not None:
-                log.log_metrics({"estimate_error": estimate.estimate_error(est.total_s, result.wall_s),
-                                 "estimate_s": est.total_s}, step=result.steps)
+                log.log_metrics({"estimate/error": estimate.estimate_error(est.total_s, result.wall_s),
+                                 "estimate/seconds": est.total_s}, step=result.steps)
     except (*USER_ERRORS, NonFiniteLoss) as exc:
         error(str(exc))
         return 2 if isinstance(exc, USER_ERRORS) else 1

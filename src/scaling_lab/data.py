@@ -220,6 +220,16 @@ def open_split(cfg: DataConfig, split: str, max_tokens: int | None = None) -> Te
     return TextSource(cfg.dataset, split, ds._fingerprint[:16], _documents_from_lines(r["text"].rstrip("\n") for r in ds))
 
 
+def dataset_source(cfg: DataConfig, split: str) -> dict[str, str]:
+    """Where a split comes from, for the run's dataset input: {'kind': 'local', 'uri': path} or {'kind': 'hub',
+    'path': hub id, 'config': name, 'split': split}."""
+    if is_local(cfg.dataset):
+        return {"kind": "local", "uri": cfg.dataset}
+    path, conf, _ = HUB[cfg.dataset]
+    return {"kind": "hub", "path": path, "config": conf or "", "split": "train" if path.endswith("openwebtext")
+            else split}
+
+
 def _round_pow2(n: int) -> int:
     return 1 << max(20, math.ceil(math.log2(max(n, 1))))
 
@@ -240,6 +250,8 @@ class TokenSplit:
     n_bytes: int
     n_docs: int
     path: Path
+    content_id: str = ""
+    """Hash of the split's text as read (local files: sha256 of their bytes; hub: the dataset's fingerprint)."""
 
 
 def load_tokens(cfg: DataConfig, split: str, max_tokens: int | None = None) -> TokenSplit:
@@ -253,7 +265,7 @@ def load_tokens(cfg: DataConfig, split: str, max_tokens: int | None = None) -> T
     if bin_path.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
         ids = np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(meta["n_tokens"],))
-        return TokenSplit(ids, meta["n_bytes"], meta["n_docs"], bin_path)
+        return TokenSplit(ids, meta["n_bytes"], meta["n_docs"], bin_path, src.content_id)
 
     enc = get_encoding(cfg.vocab_size, cfg.tokenizer)
     chunks: list[np.ndarray] = []
@@ -290,7 +302,7 @@ def load_tokens(cfg: DataConfig, split: str, max_tokens: int | None = None) -> T
     tmp.write_text(json.dumps(meta))
     os.replace(tmp, meta_path)  # the meta last: a reader that finds it finds the whole .bin
     ids = np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(n_tokens,))
-    return TokenSplit(ids, n_bytes, n_docs, bin_path)
+    return TokenSplit(ids, n_bytes, n_docs, bin_path, src.content_id)
 
 
 def unigram_entropy(ids: np.ndarray, n_vocab: int) -> float:

@@ -19,13 +19,17 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.data.sources import LocalArtifactDatasetSource
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 import scaling_lab
 from scaling_lab.errors import ConfigError, Interrupted, TrackingUnavailable
 
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # the UI opens its model-training view
 MAX_PARAMS_PER_BATCH = 100
 PARAM_VALUE_LIMIT = 6000
 
@@ -64,15 +68,24 @@ def setup(experiment: str) -> str:
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     exp = client.get_experiment_by_name(experiment)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:"):
-        location = (Path.cwd() / "mlruns").resolve().as_uri()
-    try:
-        return client.create_experiment(experiment, artifact_location=location)
-    except mlflow.exceptions.MlflowException:  # created by a concurrent worker
-        return client.get_experiment_by_name(experiment).experiment_id
+    if exp is None:
+        location = None
+        if uri.startswith("sqlite:"):
+            location = (Path.cwd() / "mlruns").resolve().as_uri()
+        try:
+            client.create_experiment(experiment, artifact_location=location, tags={KIND_TAG: KIND})
+        except mlflow.exceptions.MlflowException:  # created by a concurrent worker
+            pass
+        exp = client.get_experiment_by_name(experiment)
+    if exp.tags.get(KIND_TAG) != KIND:
+        client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
+    return exp.experiment_id
+
+
+def run_experiment(run_id: str) -> str:
+    """The name of the experiment a run lives in."""
+    client = MlflowClient()
+    return client.get_experiment(client.get_run(run_id).info.experiment_id).name
 
 
 def git_commit() -> str:
@@ -184,6 +197,17 @@ class RunLogger:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dataset(self, name: str, source: dict[str, str], digest: str, context: str) -> None:
+        """A dataset input of the run (the UI's Dataset column): ``source`` from data.dataset_source, ``digest``
+        the content hash, ``context`` train or validation."""
+        if source["kind"] == "hub":
+            src = HuggingFaceDatasetSource(source["path"], config_name=source["config"] or None,
+                                           split=source["split"])
+        else:
+            src = LocalArtifactDatasetSource(source["uri"])
+        entity = MetaDataset(src, name=name, digest=digest or None)._to_mlflow_entity()
+        self.client.log_inputs(self.run_id, [DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
 
     @property
     def pending(self) -> int:

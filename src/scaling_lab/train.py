@@ -40,6 +40,7 @@ class Logger(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def set_tags(self, tags: dict[str, Any]) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_dataset(self, name: str, source: dict[str, str], digest: str, context: str) -> None: ...
     def flush(self, raise_on_error: bool = True) -> None: ...
     def unsent(self) -> list[tuple[int, str, float]]: ...
 
@@ -54,6 +55,7 @@ class MemoryLogger:
     tags: dict[str, Any] = field(default_factory=dict)
     metrics: list[tuple[int, str, float]] = field(default_factory=list)
     artifacts: list[str] = field(default_factory=list)
+    datasets: list[dict[str, Any]] = field(default_factory=list)
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.params.update(params)
@@ -67,6 +69,9 @@ class MemoryLogger:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.artifacts.append(str(path))
+
+    def log_dataset(self, name: str, source: dict[str, str], digest: str, context: str) -> None:
+        self.datasets.append({"name": name, "source": source, "digest": digest, "context": context})
 
     def flush(self, raise_on_error: bool = True) -> None:
         pass
@@ -254,10 +259,15 @@ def setup(cfg: RunConfig, log: Logger) -> Session:
                           "device_used": str(device), "dtype_used": str(dtype).replace("torch.", ""),
                           "compile_used": compile_on})
         log.set_tags({"mode": cfg.mode, "dataset": cfg.data.dataset, "device": str(device)})
-        log.log_metrics({"data/train_tokens": len(train_tokens.ids), "data/val_bytes_per_token":
-                         val_tokens.n_bytes / len(val_tokens.ids),
-                         "data/unigram_entropy": data.unigram_entropy(train_tokens.ids, m.n_vocab),
-                         "data/prep_s": prep_s}, step=0)
+        for split, toks, context in ((cfg.data.train_split, train_tokens, "train"),
+                                     (cfg.data.val_split, val_tokens, "validation")):
+            log.log_dataset(f"{Path(cfg.data.dataset).name or cfg.data.dataset}/{split}",
+                            data.dataset_source(cfg.data, split), toks.content_id, context)
+        # one-off facts of the text: params, so the run page opens on the training curves, not on bar charts
+        log.log_params({"data.train_tokens": len(train_tokens.ids),
+                        "data.val_bytes_per_token": round(val_tokens.n_bytes / len(val_tokens.ids), 6),
+                        "data.unigram_entropy": round(data.unigram_entropy(train_tokens.ids, m.n_vocab), 6),
+                        "data.prep_s": round(prep_s, 3)})
     return s
 
 
@@ -336,9 +346,10 @@ def fit(s: Session, log: Logger, on_eval: Callable[[int, float, float], None] | 
                 raise NonFiniteLoss(f"train/loss is {train_loss} at step {done}")
             s.history.append(train_loss)
             dt = time.perf_counter() - ts
-            log.log_metrics({"train/loss": train_loss, "lr": lr, "grad_norm": norm,
-                             "tokens_seen": done * tok_per_step, "flops_seen": done * tok_per_step * flops_per_token,
-                             "step_time_ms": dt * 1000, "tokens_per_s": tok_per_step / dt}, step=done)
+            log.log_metrics({"train/loss": train_loss, "train/lr": lr, "train/grad_norm": norm,
+                             "progress/tokens_seen": done * tok_per_step,
+                             "progress/flops_seen": done * tok_per_step * flops_per_token,
+                             "perf/step_time_ms": dt * 1000, "perf/tokens_per_s": tok_per_step / dt}, step=done)
             bar.update(train_loss, tok_per_step / dt)
             if done in plan.eval_steps:
                 val_loss = evaluate(s)
