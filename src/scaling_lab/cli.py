@@ -394,3 +394,46 @@ def main_doctor(argv: list[str]) -> int:
     elif launched:  # a check trains nothing and should not sit among the experiment's runs
         tracking.end_stray_run(launched, "doctor: environment check, nothing trained")
     return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------- tune
+
+
+def _tune_config(argv: list[str]) -> Any:
+    from scaling_lab import tuning
+
+    args = parse(argv, tuning.TUNE_FIELDS, "Tune lr and batch per (size, budget) cell; fit the rule a search uses.")
+    tcfg = tuning.resolve_tune(args)
+    tuning.plan_cells(tcfg)  # a budget too small for a size fails here, before any run exists
+    data.validate_source(tcfg.data)
+    return tcfg
+
+
+def main_tune(argv: list[str]) -> int:
+    """The ``tune`` entry point: parse flags named like TuneConfig fields, tune every cell, fit and write the rule
+    (``out``, for a search's ``hparams=<path>``), print the table."""
+    from scaling_lab import tuning
+
+    launched = tracking.launched_run_id()  # the run `mlflow run` made: the tuning's parent run, or a record
+    tcfg, code = guarded(launched, lambda: _tune_config(argv))
+    if code is not None:
+        return code
+    if tcfg.dry_run:
+        if launched:
+            tracking.end_stray_run(launched, "dry run: nothing trained")
+        print(tuning.format_tune_plan(tcfg))
+        return 0
+    import shlex
+
+    given = {k: v for k, v in parse(argv, tuning.TUNE_FIELDS, "").items() if not config.is_unset(v)}
+    command = " ".join(["python mlproject/tune.py", *(f"--{k} {shlex.quote(str(v))}" for k, v in given.items())])
+    try:
+        tuning.run_tune(tcfg, launched=launched, command=command)
+    except USER_ERRORS as exc:
+        return refuse(exc, launched)
+    except RuntimeError as exc:  # too few cells finished to fit a rule
+        return refuse(exc, launched, 1)
+    except KeyboardInterrupt:
+        return refuse(KeyboardInterrupt("interrupted; re-run the same command to continue the studies"), launched,
+                      130)
+    return 0

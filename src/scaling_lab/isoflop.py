@@ -91,7 +91,12 @@ class HyperRule:
 
 
 # Fitted rules shipped with a mode ('hparams=tuned'); provenance (command, machine, date) in docs/tuning.md.
-TUNED: dict[str, HyperRule] = {}
+TUNED: dict[str, HyperRule] = {
+    # lr_exp -0.416 +- 0.191 (lr_coef 4.93e-3 +- 1.21e-3); batch: no resolved trend in D (exp +0.015 +- 0.088), so one
+    # batch (geometric mean 2.30 +- 0.21 -> 2 sequences), at the smallest batch tried in 8 of 10 cells
+    "quick": HyperRule(lr_coef=4.929e-3, lr_exp=-0.4162, batch_coef=2.297, batch_exp=0.0,
+                       source="tune quick 2026-12-01 (docs/tuning.md)"),
+}
 
 
 # --------------------------------------------------------------------------- configuration
