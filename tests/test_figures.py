@@ -3,16 +3,20 @@ overlap (log axes below a decade used to read '2×10³3×10³4×10³'), every ax
 the data, and each function still writes its files."""
 
 import inspect
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from scaling_lab import analyze, figures, report, sources
+from scaling_lab.isoflop import HyperRule
 
 HELPERS = {"log_ticks", "tidy_ticks"}  # public, but not figures
 FIGURES = {n for n, f in inspect.getmembers(figures, inspect.isfunction)
            if f.__module__ == figures.__name__ and not n.startswith("_")} - HELPERS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tick_labels(axis) -> list:
@@ -90,6 +94,10 @@ def test_every_figure_has_readable_ticks_and_legends(drawn, tmp_path):
     pts = _study_points(2.1e3, 9e3)  # under a decade: the case that printed '2×10³3×10³4×10³'
     assert figures.study_loss_vs_n(pts[1:], [(pts[0][0], 4.0)], pts[3][:2], tmp_path / "loss_vs_n.png", "C = 1e12")
     assert (tmp_path / "loss_curve.png").stat().st_size and (tmp_path / "loss_vs_n.png").stat().st_size
+    tuned = json.loads((ROOT / "docs" / "tuning-quick.json").read_text())  # the shipped quick tuning's cells
+    rule = HyperRule.from_json(str(ROOT / "docs" / "tuning-quick.json"))
+    assert figures.tune_cells(tuned["cells"], tmp_path / "tune") and figures.tune_rule(tuned["cells"], rule,
+                                                                                         tuned["fit"], tmp_path / "tune")
     assert called == FIGURES, f"figure functions not drawn by this test: {sorted(FIGURES - called)}"
     assert not problems, "\n".join(problems)
 

@@ -105,7 +105,7 @@ def test_mlflow_run_tiny_end_to_end(tiny, store):
 def test_mlflow_run_experiment_param_that_mlflow_did_not_use_is_refused(tiny, store):
     params = [x for k, v in {**tiny, "experiment": "lab"}.items() for x in ("-P", f"{k}={v}")]
     proc = _mlflow_run(params, store)
-    assert proc.returncode == 2
+    assert proc.returncode != 0  # the script's 2; mlflow run itself exits 1
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert "parameter 'experiment'" in line and "--experiment-name lab" in line and "Traceback" not in proc.stderr
     assert [r.info.status for r in _runs(store)] == ["FAILED"]

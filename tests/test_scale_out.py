@@ -114,7 +114,7 @@ def test_training_over_http_survives_server_outage(tiny, tmp_path, mlflow_server
 def test_tiny_search_over_http(data_dir, tmp_path, mlflow_server):
     client = MlflowClient(mlflow_server.uri)
     over = {"mode": "tiny", "dataset": str(data_dir), "train_split": "test", "val_split": "validation",
-            "budgets": "2e9", "pad": "0", "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "experiment": "s-http"}
+            "budgets": "6e9", "pad": "0", "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "experiment": "s-http"}
     rc, out = finish(launch(over, tmp_path, uri=mlflow_server.uri, cmd=[sys.executable, str(SEARCH)],
                             name="search-http"), timeout=300)
     assert rc == 0, out[-3000:]

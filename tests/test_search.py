@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import yaml
@@ -366,8 +367,11 @@ def test_search_widens_until_bracketed_and_trains_seed_replicas(tiny_search, sto
     lie on each side of the best; an eager pruner never stops those; the best size and its neighbours get 2 more
     seeds each, as their own child runs differing only by seed; the logged seed noise is their pooled sd, the
     same the analysis measures."""
-    scfg = resolve_search({**tiny_search, "budgets": "3e10", "pad": "0", "widen": "8", "bracket": "2",
-                           "replicas": "2", "prune_startup": "1", "prune_warmup": "0"})
+    # quick's shapes and batch rule at its smallest budget, where the minimum sits 2 sizes above the smallest model
+    # (docs/search.md), started on the Chinchilla-seeded size alone: every other size comes from widening
+    scfg = resolve_search({**tiny_search, "mode": "quick", "budgets": "3e10", "anchors": "chinchilla", "pad": "0",
+                           "pad_below": "0", "widen": "8", "bracket": "2", "replicas": "1", "eval_tokens": "4096",
+                           "prune_startup": "1", "prune_warmup": "0"})
     (res,) = run_search(scfg)
     assert res.edge == "none" and res.below >= 2 and res.above >= 2
     study = next(iter(_studies(tiny_search["storage"]).values()))
@@ -382,16 +386,17 @@ def test_search_widens_until_bracketed_and_trains_seed_replicas(tiny_search, sto
         if t.state.name == "COMPLETE":
             by_rung.setdefault(t.params["rung"], []).append(runs[t.user_attrs["mlflow_run_id"]])
     seeded = {r: rs for r, rs in by_rung.items() if len(rs) > 1}
-    assert res.best_rung in seeded and len(seeded) == 3 and all(len(rs) == 3 for rs in seeded.values())
+    assert res.best_rung in seeded and len(seeded) == 3 and all(len(rs) == 2 for rs in seeded.values())
     for rs in seeded.values():
         seeds = sorted(int(r.data.params["resolved.seed"]) for r in rs)
-        assert seeds == [scfg.seed, scfg.seed + 1, scfg.seed + 2]
+        assert seeds == [scfg.seed, scfg.seed + 1]
         same = {k: {r.data.params[k] for r in rs} for k in rs[0].data.params if k.startswith("resolved.")}
         assert {k for k, v in same.items() if len(v) > 1} <= {"resolved.seed", "resolved.run_name"}
     losses = [[r.data.metrics["final/val_loss"] for r in rs] for rs in seeded.values()]
-    pooled = math.sqrt(sum(sum((x - sum(g) / 3) ** 2 for x in g) for g in losses) / (2 * len(losses)))
+    pooled = math.sqrt(sum(sum((x - sum(g) / 2) ** 2 for x in g) for g in losses) / len(losses))
     parent = next(r for r in _runs(store) if r.data.tags.get("scaling_lab.kind") == "study")
     assert parent.data.metrics["seed_noise/std"] == pytest.approx(pooled, rel=1e-9) and pooled > 0
     table = sources.load_mlflow(analyze.AnalyzeConfig(experiment=tiny_search["experiment"], log=False))
-    data = analyze.convention_data(table, "total", analyze.AnalyzeConfig(log=False), {})
-    assert data.seed_sizes == 3 and data.seed_std == pytest.approx(pooled, rel=1e-6)
+    runs = table.runs
+    std, sizes = analyze.seed_noise(np.zeros(len(runs)), runs["n_params_total"].to_numpy(), runs["loss"].to_numpy())
+    assert sizes == 3 and std == pytest.approx(pooled, rel=1e-6)  # the analysis averages and measures the same

@@ -14,7 +14,7 @@ import yaml
 from servers import store_client as _client
 from servers import store_runs as _runs
 
-from scaling_lab import counting, tuning
+from scaling_lab import counting, tunefit, tuning
 from scaling_lab.cli import main_tune
 from scaling_lab.config import ModelConfig
 from scaling_lab.isoflop import HyperRule, resolve_search
@@ -62,16 +62,16 @@ def test_cell_optimum_and_power_fits_recover_known_values():
     bs = rng.choice([2, 4, 8, 16], 12)
     offset = {2: 0.1, 4: 0.0, 8: 0.05, 16: 0.2}  # batch 4 is best at equal lr
     loss = 3.0 + 0.05 * (np.log(lrs) - math.log(6e-3)) ** 2 + np.array([offset[b] for b in bs])
-    opt = tuning.cell_optimum(list(zip(lrs, bs, loss)))
+    opt = tunefit.cell_optimum(list(zip(lrs, bs, loss)))
     assert opt["method"] == "quadratic" and opt["lr"] == pytest.approx(6e-3, rel=1e-6) and opt["batch"] == 4
     assert opt["loss_at_optimum"] == pytest.approx(3.0)
-    few = tuning.cell_optimum([(1e-3, 4, 3.2), (1e-2, 8, 3.1), (3e-2, 8, math.inf)])  # too few: the best trial
+    few = tunefit.cell_optimum([(1e-3, 4, 3.2), (1e-2, 8, 3.1), (3e-2, 8, math.inf)])  # too few: the best trial
     assert (few["lr"], few["batch"], few["method"]) == (1e-2, 8.0, "best")
     n = np.array([1e4, 3e4, 1e5, 3e5])
-    exact = tuning.fit_power(list(n), list(2e-3 * (n / 1e5) ** -0.4), 1e5, "N_total")
+    exact = tunefit.fit_power(list(n), list(2e-3 * (n / 1e5) ** -0.4), 1e5, "N_total")
     assert exact.coef == pytest.approx(2e-3) and exact.exp == pytest.approx(-0.4) and exact.exp_se < 1e-9
     noisy = 2e-3 * (n / 1e5) ** -0.4 * np.exp([0.1, -0.1, -0.1, 0.1])
-    f = tuning.fit_power(list(n), list(noisy), 1e5, "N_total")
+    f = tunefit.fit_power(list(n), list(noisy), 1e5, "N_total")
     slope, cov = np.polyfit(np.log(n / 1e5), np.log(noisy), 1, cov="unscaled")
     resid = np.log(noisy) - np.polyval(slope, np.log(n / 1e5))
     assert f.exp == pytest.approx(slope[0]) and f.exp_se == pytest.approx(math.sqrt(cov[0, 0] * resid @ resid / 2))

@@ -229,12 +229,19 @@ def convention_data(study: RunTable, conv: str, cfg: AnalyzeConfig, extra_budget
                           "can be fitted)")
     c_lo, c_hi = float(C.min()), float(C.max())
     cgrid = np.exp(np.linspace(math.log(c_lo) - 0.3, math.log(c_hi) + 0.3, 100))
+    seed_std, seed_sizes = seed_noise(labels, N, L)
+    return ConventionData(N, D, C, L, labels, laws.flops_factor(N, D, C), {**laws.NAMED_BUDGETS, **extra_budgets},
+                          _curves_for(study, conv), cgrid, seed_std, seed_sizes)
+
+
+def seed_noise(labels: np.ndarray, N: np.ndarray, L: np.ndarray) -> tuple[float, int]:
+    """The pooled seed-to-seed standard deviation of the final loss (nats) over the (budget, size) pairs trained
+    with 2 or more seeds, and how many such pairs; (NaN, 0) without any."""
     seeds = pd.DataFrame({"g": labels, "n": N, "L": L}).groupby(["g", "n"])["L"]
     groups = [g.to_numpy() for _, g in seeds if len(g) > 1]
     dof = sum(len(g) - 1 for g in groups)
-    seed_std = float(np.sqrt(sum(((g - g.mean()) ** 2).sum() for g in groups) / dof)) if dof else float("nan")
-    return ConventionData(N, D, C, L, labels, laws.flops_factor(N, D, C), {**laws.NAMED_BUDGETS, **extra_budgets},
-                          _curves_for(study, conv), cgrid, seed_std, len(groups))
+    std = float(np.sqrt(sum(((g - g.mean()) ** 2).sum() for g in groups) / dof)) if dof else float("nan")
+    return std, len(groups)
 
 
 def _loss_sd(d: ConventionData) -> np.ndarray | None:

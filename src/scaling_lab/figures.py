@@ -22,6 +22,7 @@ from matplotlib import ticker  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from scaling_lab import laws  # noqa: E402
+from scaling_lab.isoflop import D_REF, N_REF  # noqa: E402
 
 STYLE = {
     "figure.dpi": 110, "savefig.dpi": 150, "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9,
@@ -438,3 +439,98 @@ def study_loss_vs_n(points: Sequence[tuple[float, float, str]], pruned: Sequence
         ax.legend(fontsize=8, loc="best")
         _write(fig, [Path(path)], "loss_vs_n", dpi=100)
     return True
+
+
+# --------------------------------------------------------------------------- the tuning stage
+
+
+def tune_cells(cells: list[dict[str, Any]], folder: Path, name: str = "tune_loss_vs_lr") -> list[Path]:
+    """Final val/loss against lr, one panel per cell (rows: budgets, columns: sizes), points coloured by batch;
+    the best trial ringed, the chosen optimum lr as a dashed line (and the quadratic's slice at its batch)."""
+    budgets = sorted({c["budget"] for c in cells})
+    sizes = sorted({c["n_params_total"] for c in cells})
+    all_b = sorted({t["batch"] for c in cells for t in c["trials"]})
+    norm = matplotlib.colors.LogNorm(min(all_b), max(all_b) * (1 + 1e-9))
+    lrs = [t["lr"] for c in cells for t in c["trials"]]
+    xlim = (min(lrs) / 1.25, max(lrs) * 1.25)  # one lr axis for every panel
+    cmap = plt.get_cmap(CMAP)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(len(budgets), len(sizes), figsize=(2.4 * len(sizes) + 0.8, 2.5 * len(budgets)),
+                                 squeeze=False, gridspec_kw={"hspace": 0.45})
+        for c in cells:
+            i, j = budgets.index(c["budget"]), sizes.index(c["n_params_total"])
+            ax = axes[i][j]
+            ok = [t for t in c["trials"] if t["loss"] is not None]
+            bad = [t for t in c["trials"] if t["loss"] is None]
+            if ok:
+                ax.scatter([t["lr"] for t in ok], [t["loss"] for t in ok], c=[t["batch"] for t in ok], cmap=cmap,
+                           norm=norm, s=16, zorder=3)
+            opt = c.get("optimum") or {}
+            if opt:
+                lo = opt["best_loss"]
+                hi = max([t["loss"] for t in ok if t["loss"] <= lo + 1.0] + [lo + 0.05])
+                for t in bad:
+                    ax.scatter([t["lr"]], [hi], marker="x", color="k", s=18, zorder=3)
+                ax.scatter([opt["best_lr"]], [lo], s=90, facecolors="none", edgecolors="goldenrod", linewidths=1.5,
+                           zorder=4)
+                ax.axvline(opt["lr"], color=FIT_COLOR, ls="--", lw=0.9)
+                if opt["method"] == "quadratic":  # the fitted parabola at the chosen batch
+                    q, off = opt["fit"]["c"], opt["fit"]["offsets"][str(int(opt["batch"]))]
+                    xs = np.linspace(math.log(min(t["lr"] for t in ok)), math.log(max(t["lr"] for t in ok)), 60)
+                    ax.plot(np.exp(xs), q[0] + q[1] * xs + q[2] * xs**2 + off, color=FIT_COLOR, lw=0.8,
+                            alpha=0.7)
+                ax.set_ylim(lo - 0.05 * (hi - lo) - 0.01, hi + 0.08 * (hi - lo) + 0.01)
+            ax.set_xscale("log")
+            ax.set_xlim(*xlim)
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_title(f"N={c['n_params_total'] / 1e3:.3g}k C={c['budget']:.2g}", fontsize=8)
+            if i == len(budgets) - 1:
+                ax.set_xlabel("peak lr")
+            if j == 0:
+                ax.set_ylabel("final val/loss")
+        bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, label="batch (sequences)", shrink=0.8)
+        bar.set_ticks(all_b, labels=[str(b) for b in all_b])
+        bar.ax.minorticks_off()
+        fig.suptitle("tuning: loss against lr per cell (ring = best trial, dashed = chosen lr, x = diverged)")
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = [folder / f"{name}.png", folder / f"{name}.svg"]
+        for p in paths:  # no tight_layout: it does not know the shared colorbar
+            fig.savefig(p, metadata={"Date": None} if p.suffix == ".svg" else None, bbox_inches="tight")
+        plt.close(fig)
+        return paths
+
+
+def tune_rule(cells: list[dict[str, Any]], rule: Any, fits: dict[str, Any], folder: Path,
+              name: str = "tune_rule") -> list[Path]:
+    """lr*(N_total) and batch*(D): the cells' optima (colour = budget; open = best trial), the least-squares
+    power laws and the rule chosen."""
+    done = [c for c in cells if c.get("optimum")]
+    budgets = sorted({c["budget"] for c in done})
+    cols = [plt.get_cmap(CMAP)(x) for x in np.linspace(0.05, 0.9, max(len(budgets), 1))]
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+        for key, ax, xkey, xlab, ref in (("lr", axes[0], "n_params_total", "parameters N_total", N_REF),
+                                         ("batch", axes[1], "tokens", "training tokens D", D_REF)):
+            for b, col in zip(budgets, cols):
+                cs = [c for c in done if c["budget"] == b]
+                ax.scatter([c[xkey] for c in cs], [c["optimum"][key] for c in cs], color=col, s=22, zorder=3,
+                           label=f"C = {b:.2g} (optimum)")
+                ax.scatter([c[xkey] for c in cs], [c["optimum"][f"best_{key}"] for c in cs], facecolors="none",
+                           edgecolors=col, s=22, zorder=2)
+            xs = np.exp(np.linspace(math.log(min(c[xkey] for c in done)) - 0.2,
+                                    math.log(max(c[xkey] for c in done)) + 0.2, 50))
+            f = fits[key]["N_total" if key == "lr" else "D"]
+            if f["exp_se"] is not None and math.isfinite(f["exp_se"]):
+                ax.plot(xs, f["coef"] * (xs / ref) ** f["exp"], color=FIT_COLOR, lw=1,
+                        label=f"fit: exp {f['exp']:+.2f} ± {f['exp_se']:.2f}")
+            ys = [rule.lr_for(x) for x in xs] if key == "lr" else \
+                [rule.batch_coef * (x / D_REF) ** rule.batch_exp for x in xs]
+            ax.plot(xs, ys, color="tab:red", lw=1.2, ls="--", label=f"rule ({fits[key]['chosen']})")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(xlab)
+            ax.set_ylabel("optimal peak lr" if key == "lr" else "optimal batch (sequences)")
+            ax.legend(loc="best")
+        axes[0].set_title("lr*(N_total) (open = best trial)")
+        axes[1].set_title("batch*(D) (open = best trial)")
+        return _save(fig, folder, name)

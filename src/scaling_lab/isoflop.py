@@ -476,7 +476,8 @@ def summarize(study: Any, plan: BudgetPlan, parent_run_id: str, bracket: int = 2
 
 
 def _seeded(res: BudgetResult, trials: list[Any]) -> None:
-    """The Kaplan- and Chinchilla-seeded trials' states and losses, and the lower of the two."""
+    """The Kaplan- and Chinchilla-seeded trials' states and losses, and the lower of the two (only when both
+    completed: a pruned, failed or missing anchor leaves no head-to-head)."""
     for alloc in ("kaplan", "chinchilla"):
         seeded = [t for t in trials if t.user_attrs.get("allocation") == alloc and t.state.name != "WAITING"]
         seeded.sort(key=lambda t: (t.state.name != "COMPLETE", t.number))
@@ -486,8 +487,7 @@ def _seeded(res: BudgetResult, trials: list[Any]) -> None:
             if t.state.name == "COMPLETE":
                 setattr(res, f"{alloc}_loss", t.value)
     k, c = res.kaplan_loss, res.chinchilla_loss
-    if math.isfinite(k) or math.isfinite(c):
-        k, c = (k if math.isfinite(k) else math.inf), (c if math.isfinite(c) else math.inf)
+    if math.isfinite(k) and math.isfinite(c):  # a winner only when both anchors completed
         res.winner = "tie" if k == c else ("kaplan" if k < c else "chinchilla")
 
 

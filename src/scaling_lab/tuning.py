@@ -37,8 +37,6 @@ from typing import Any, TextIO
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import torch  # noqa: E402
 
@@ -47,14 +45,12 @@ from scaling_lab.config import DataConfig, RunConfig, TrainConfig  # noqa: E402
 from scaling_lab.counting import make_plan  # noqa: E402
 from scaling_lab.errors import ConfigError, Interrupted, NonFiniteLoss  # noqa: E402
 from scaling_lab.estimate import estimate_run, fmt_seconds  # noqa: E402
-from scaling_lab.isoflop import D_REF, MIN_STEPS, N_REF, HyperRule  # noqa: E402
+from scaling_lab.isoflop import MIN_STEPS, HyperRule  # noqa: E402
 from scaling_lab.studies import StudyLock  # noqa: E402
 from scaling_lab.train import train  # noqa: E402
+from scaling_lab.tunefit import by_budget, cell_optimum, clean, fit_rule, num  # noqa: E402
 
-C_REF = 1e11  # reference budget of the batch-against-C comparison fit (FLOPs)
 FINAL_ONLY = 2**31 - 1  # eval_every of a trial: score val/loss once, at the end (no pruner needs the tenths)
-NEAR_NATS = 0.5  # trials within this many nats of a cell's best enter its quadratic (the valley, not the cliff)
-RESOLVED_T = 2.0  # |exponent| / SE below this: the exponent is not resolved and the rule uses 0
 TIMED_SECONDS = 0.3  # dry run: calibration per (shape, batch), cached (s)
 
 # --------------------------------------------------------------------------- configuration
@@ -361,167 +357,6 @@ def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE" and t.value is not None]
 
 
-# --------------------------------------------------------------------------- the fit (pure numpy)
-
-
-def cell_optimum(points: list[tuple[float, int, float]]) -> dict[str, Any]:
-    """The cell's optimum from its trials ``points`` = (lr, batch, final loss).
-
-    The best trial alone is a noisy argmin: the loss is flat in lr near the optimum, so among 8-10 points sampled
-    over two dimensions the lowest one can sit a factor 3 or more in lr from the bottom of the valley, and it
-    mixes the lr and batch effects (a batch tried only at a poor lr looks bad). So the trials within NEAR_NATS of
-    the best are fitted with L = c0 + c1 x + c2 x^2 + delta_batch, x = ln lr: one parabola in ln lr shared by
-    the batches (only batches with two or more trials inform its shape) and one offset per batch. When it has a
-    residual degree of freedom, is convex (c2 > 0) and its vertex lies inside the fitted trials' lr range, the
-    optimum is lr = exp(vertex) and the batch with the lowest offset (its level at equal lr); otherwise the best
-    trial's lr and batch (``method`` says which)."""
-    finite = [(float(lr), int(b), float(v)) for lr, b, v in points if math.isfinite(v)]
-    if not finite:
-        return {}
-    best = min(finite, key=lambda p: p[2])
-    out: dict[str, Any] = {"best_lr": best[0], "best_batch": best[1], "best_loss": best[2], "lr": best[0],
-                           "batch": float(best[1]), "method": "best", "n_fit": 0}
-    near = [p for p in finite if p[2] <= best[2] + NEAR_NATS]
-    batches = sorted({p[1] for p in near})
-    x = np.log([p[0] for p in near])
-    loss = np.array([p[2] for p in near])
-    cols = [np.ones_like(x), x, x * x] + [np.array([float(p[1] == b) for p in near]) for b in batches[1:]]
-    a = np.stack(cols, axis=1)
-    if len(near) < a.shape[1] + 1 or np.linalg.matrix_rank(a) < a.shape[1]:
-        return out
-    c, *_ = np.linalg.lstsq(a, loss, rcond=None)
-    offsets = {batches[0]: 0.0} | {b: float(v) for b, v in zip(batches[1:], c[3:])}
-    out["n_fit"] = len(near)
-    out["fit"] = {"c": [float(v) for v in c[:3]], "offsets": {str(b): v for b, v in offsets.items()},
-                  "resid_sd": float(np.sqrt(np.sum((a @ c - loss) ** 2) / (len(near) - a.shape[1])))}
-    shaped = [float(v) for p, v in zip(near, x) if sum(q[1] == p[1] for q in near) >= 2]  # lr of informative trials
-    vertex = -c[1] / (2 * c[2]) if c[2] > 0 else math.nan
-    if math.isfinite(vertex) and min(shaped) <= vertex <= max(shaped):
-        b_opt = min(offsets, key=offsets.get)
-        out.update(lr=float(math.exp(vertex)), batch=float(b_opt), method="quadratic",
-                   loss_at_optimum=float(c[0] + c[1] * vertex + c[2] * vertex**2 + offsets[b_opt]))
-    return out
-
-
-@dataclass
-class PowerFit:
-    """y = coef (x / ref)^exp by least squares on ln y; SEs from the residuals (n - 2 degrees of freedom)."""
-
-    predictor: str
-    """What x is: N_total, D, C, or constant (exp fixed at 0)."""
-    ref: float
-    coef: float
-    coef_se: float
-    exp: float
-    exp_se: float
-    r2: float
-    resid_sd: float
-    """Residual standard deviation of ln y (0.1 = about 10%)."""
-    n: int
-
-    @property
-    def t(self) -> float:
-        """|exp| / SE: how well the data resolve the exponent."""
-        if not math.isfinite(self.exp_se) or self.exp_se <= 0:
-            return 0.0  # no residual degrees of freedom (or exp fixed at 0): nothing resolved
-        return abs(self.exp) / self.exp_se
-
-    def at(self, x: np.ndarray | float) -> np.ndarray:
-        return self.coef * (np.asarray(x, dtype=float) / self.ref) ** self.exp
-
-
-def fit_power(x: list[float], y: list[float], ref: float, predictor: str) -> PowerFit:
-    """Least squares of ln y on ln(x / ref): coef and exp with standard errors (coef's by the delta method)."""
-    lx, ly = np.log(np.asarray(x, float) / ref), np.log(np.asarray(y, float))
-    n = len(ly)
-    a = np.stack([np.ones(n), lx], axis=1)
-    beta, *_ = np.linalg.lstsq(a, ly, rcond=None)
-    resid = ly - a @ beta
-    dof = n - 2
-    s2 = float(resid @ resid / dof) if dof > 0 else math.nan
-    cov = s2 * np.linalg.pinv(a.T @ a)
-    tss = float(((ly - ly.mean()) ** 2).sum())
-    coef = float(math.exp(beta[0]))
-    return PowerFit(predictor, ref, coef, coef * math.sqrt(cov[0, 0]), float(beta[1]), math.sqrt(cov[1, 1]),
-                    1 - float(resid @ resid) / tss if tss > 0 else math.nan, math.sqrt(s2), n)
-
-
-def fit_constant(y: list[float], ref: float, predictor: str) -> PowerFit:
-    """y = coef (exp 0): the geometric mean, SE from the spread (n - 1 degrees of freedom)."""
-    ly = np.log(np.asarray(y, float))
-    sd = float(ly.std(ddof=1)) if len(ly) > 1 else math.nan
-    coef = float(math.exp(ly.mean()))
-    return PowerFit(predictor, ref, coef, coef * sd / math.sqrt(len(ly)), 0.0, 0.0, 0.0, sd, len(ly))
-
-
-def fit_rule(cells: list[dict[str, Any]], source: str) -> tuple[HyperRule, dict[str, Any]]:
-    """The rule over the cells' optima: lr*(N_total) and batch*(D) power laws, each exponent kept only when
-    resolved (|exp| / SE >= RESOLVED_T; else 0 with the geometric mean), and the comparison fits (lr on N and D
-    together; batch on N, on C, constant) that say whether N_total and D are the right predictors."""
-    done = [c for c in cells if c.get("optimum")]
-    if len(done) < 3:
-        raise RuntimeError(f"only {len(done)} cell(s) have a finished trial: a rule needs at least 3")
-    n = [c["n_params_total"] for c in done]
-    d = [c["tokens"] for c in done]
-    cs = [c["budget"] for c in done]
-    lr = [c["optimum"]["lr"] for c in done]
-    b = [c["optimum"]["batch"] for c in done]
-    lr_n, lr_const = fit_power(n, lr, N_REF, "N_total"), fit_constant(lr, N_REF, "constant")
-    b_d, b_n, b_c = fit_power(d, b, D_REF, "D"), fit_power(n, b, N_REF, "N_total"), fit_power(cs, b, C_REF, "C")
-    b_const = fit_constant(b, D_REF, "constant")
-    lr_use = lr_n if lr_n.t >= RESOLVED_T else lr_const
-    b_use = b_d if b_d.t >= RESOLVED_T else b_const
-    notes = []
-    if lr_use is lr_const:
-        notes.append(f"lr exponent {lr_n.exp:+.3f} +- {lr_n.exp_se:.3f} not resolved (|t| = {lr_n.t:.1f} < "
-                     f"{RESOLVED_T:g}): the rule uses one lr for every size (geometric mean of the cells' optima)")
-    if b_use is b_const:
-        notes.append(f"batch exponent in D {b_d.exp:+.3f} +- {b_d.exp_se:.3f} not resolved (|t| = {b_d.t:.1f}): "
-                     "the rule uses one batch for every run")
-    better = [f for f in (b_n, b_c) if math.isfinite(f.resid_sd) and f.resid_sd < b_d.resid_sd]
-    for f in better:
-        notes.append(f"batch is explained better by {f.predictor} (residual sd {f.resid_sd:.3f} in ln batch, "
-                     f"R^2 {f.r2:.2f}) than by D ({b_d.resid_sd:.3f}, R^2 {b_d.r2:.2f}); HyperRule.batch_for takes D only")
-    # lr on N and D together: does the optimum also move with the run length (budget) at a fixed size?
-    a = np.stack([np.ones(len(lr)), np.log(np.asarray(n) / N_REF), np.log(np.asarray(d) / D_REF)], axis=1)
-    beta, *_ = np.linalg.lstsq(a, np.log(lr), rcond=None)
-    resid = np.log(lr) - a @ beta
-    dof = len(lr) - 3
-    cov = (float(resid @ resid) / dof if dof > 0 else math.nan) * np.linalg.pinv(a.T @ a)
-    lr_nd = {"lr_coef": float(math.exp(beta[0])), "exp_n": float(beta[1]), "exp_n_se": float(math.sqrt(cov[1, 1])),
-             "exp_d": float(beta[2]), "exp_d_se": float(math.sqrt(cov[2, 2])), "n": len(lr)}
-    rule = HyperRule(lr_use.coef, lr_use.exp, b_use.coef, b_use.exp, source)
-    fits = {"lr": {"N_total": _fit_dict(lr_n), "constant": _fit_dict(lr_const), "N_total_and_D": lr_nd,
-                   "chosen": lr_use.predictor},
-            "batch": {"D": _fit_dict(b_d), "N_total": _fit_dict(b_n), "C": _fit_dict(b_c),
-                      "constant": _fit_dict(b_const), "chosen": b_use.predictor},
-            "resolved_t": RESOLVED_T, "notes": notes,
-            "method": "per cell: L = c0 + c1 ln lr + c2 ln^2 lr + offset(batch) over the trials within "
-                      f"{NEAR_NATS} nats of the best (convex, vertex inside their lr range, >= 1 residual dof), else "
-                      "the best trial; then least squares of ln lr* on ln(N_total/1e5) and of ln batch* on ln(D/1e6)"}
-    return rule, fits
-
-
-def _fit_dict(f: PowerFit) -> dict[str, Any]:
-    return dataclasses.asdict(f)
-
-
-def _clean(obj: Any) -> Any:
-    """``obj`` with every non-finite float as None (strict JSON has no NaN or Infinity)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def _num(v: float | None) -> float | None:
-    """A JSON-safe number: None for inf / NaN."""
-    return v if v is not None and math.isfinite(v) else None
-
-
 def cell_record(cell: Cell, study: optuna.Study) -> dict[str, Any]:
     """One cell of the JSON: what it trains, its trials, its optimum (``cell_optimum``) and edge flags."""
     trials = []
@@ -530,7 +365,7 @@ def cell_record(cell: Cell, study: optuna.Study) -> dict[str, Any]:
             continue
         ua = t.user_attrs
         trials.append({"number": t.number, "state": t.state.name, "lr": t.params["lr"], "batch": t.params["batch"],
-                       "loss": _num(t.value), "diverged": "diverged" in ua, "steps": ua.get("steps"),
+                       "loss": num(t.value), "diverged": "diverged" in ua, "steps": ua.get("steps"),
                        "tokens_trained": ua.get("tokens_trained"), "epochs": ua.get("epochs"),
                        "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
                        if t.datetime_complete and t.datetime_start else None,
@@ -553,126 +388,6 @@ def cell_record(cell: Cell, study: optuna.Study) -> dict[str, Any]:
                                          ("batch_large", len(cell.batches) > 1 and opt["batch"] >= cell.batches[-1]))
                        if hit]
     return rec
-
-
-def by_budget(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per budget: each size's best loss, the best size, and the spread of the best losses across sizes."""
-    out = []
-    for budget in sorted({c["budget"] for c in cells}):
-        row = [c for c in cells if c["budget"] == budget and c.get("optimum")]
-        if not row:
-            continue
-        best = min(row, key=lambda c: c["optimum"]["best_loss"])
-        losses = [c["optimum"]["best_loss"] for c in row]
-        out.append({"budget": budget, "best_rung": best["rung"], "best_n_params_total": best["n_params_total"],
-                    "best_loss": best["optimum"]["best_loss"], "spread": max(losses) - min(losses),
-                    "losses": {str(c["n_params_total"]): c["optimum"]["best_loss"] for c in row}})
-    return out
-
-
-# --------------------------------------------------------------------------- figures (scaling_lab.figures style)
-
-
-def _save(fig: Any, folder: Path, name: str) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{name}.png", folder / f"{name}.svg"]
-    fig.tight_layout()
-    for p in paths:
-        fig.savefig(p, metadata={"Date": None} if p.suffix == ".svg" else None)
-    plt.close(fig)
-    return paths
-
-
-def plot_cells(cells: list[dict[str, Any]], folder: Path, name: str = "tune_loss_vs_lr") -> list[Path]:
-    """Final val/loss against lr, one panel per cell (rows: budgets, columns: sizes), points coloured by batch;
-    the best trial ringed, the chosen optimum lr as a dashed line (and the quadratic's slice at its batch)."""
-    budgets = sorted({c["budget"] for c in cells})
-    sizes = sorted({c["n_params_total"] for c in cells})
-    all_b = sorted({t["batch"] for c in cells for t in c["trials"]})
-    norm = matplotlib.colors.LogNorm(min(all_b), max(all_b) * (1 + 1e-9))
-    lrs = [t["lr"] for c in cells for t in c["trials"]]
-    xlim = (min(lrs) / 1.25, max(lrs) * 1.25)  # one lr axis for every panel
-    cmap = plt.get_cmap(figures.CMAP)
-    with plt.rc_context(figures.STYLE):
-        fig, axes = plt.subplots(len(budgets), len(sizes), figsize=(2.4 * len(sizes) + 0.8, 2.5 * len(budgets)),
-                                 squeeze=False, gridspec_kw={"hspace": 0.45})
-        for c in cells:
-            i, j = budgets.index(c["budget"]), sizes.index(c["n_params_total"])
-            ax = axes[i][j]
-            ok = [t for t in c["trials"] if t["loss"] is not None]
-            bad = [t for t in c["trials"] if t["loss"] is None]
-            if ok:
-                ax.scatter([t["lr"] for t in ok], [t["loss"] for t in ok], c=[t["batch"] for t in ok], cmap=cmap,
-                           norm=norm, s=16, zorder=3)
-            opt = c.get("optimum") or {}
-            if opt:
-                lo = opt["best_loss"]
-                hi = max([t["loss"] for t in ok if t["loss"] <= lo + 1.0] + [lo + 0.05])
-                for t in bad:
-                    ax.scatter([t["lr"]], [hi], marker="x", color="k", s=18, zorder=3)
-                ax.scatter([opt["best_lr"]], [lo], s=90, facecolors="none", edgecolors="goldenrod", linewidths=1.5,
-                           zorder=4)
-                ax.axvline(opt["lr"], color=figures.FIT_COLOR, ls="--", lw=0.9)
-                if opt["method"] == "quadratic":  # the fitted parabola at the chosen batch
-                    q, off = opt["fit"]["c"], opt["fit"]["offsets"][str(int(opt["batch"]))]
-                    xs = np.linspace(math.log(min(t["lr"] for t in ok)), math.log(max(t["lr"] for t in ok)), 60)
-                    ax.plot(np.exp(xs), q[0] + q[1] * xs + q[2] * xs**2 + off, color=figures.FIT_COLOR, lw=0.8,
-                            alpha=0.7)
-                ax.set_ylim(lo - 0.05 * (hi - lo) - 0.01, hi + 0.08 * (hi - lo) + 0.01)
-            ax.set_xscale("log")
-            ax.set_xlim(*xlim)
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            ax.set_title(f"N={c['n_params_total'] / 1e3:.3g}k C={c['budget']:.2g}", fontsize=8)
-            if i == len(budgets) - 1:
-                ax.set_xlabel("peak lr")
-            if j == 0:
-                ax.set_ylabel("final val/loss")
-        bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, label="batch (sequences)", shrink=0.8)
-        bar.set_ticks(all_b, labels=[str(b) for b in all_b])
-        bar.ax.minorticks_off()
-        fig.suptitle("tuning: loss against lr per cell (ring = best trial, dashed = chosen lr, x = diverged)")
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = [folder / f"{name}.png", folder / f"{name}.svg"]
-        for p in paths:  # no tight_layout: it does not know the shared colorbar
-            fig.savefig(p, metadata={"Date": None} if p.suffix == ".svg" else None, bbox_inches="tight")
-        plt.close(fig)
-        return paths
-
-
-def plot_rule(cells: list[dict[str, Any]], rule: HyperRule, fits: dict[str, Any], folder: Path,
-              name: str = "tune_rule") -> list[Path]:
-    """lr*(N_total) and batch*(D): the cells' optima (colour = budget; open = best trial), the least-squares
-    power laws and the rule chosen."""
-    done = [c for c in cells if c.get("optimum")]
-    budgets = sorted({c["budget"] for c in done})
-    cols = [plt.get_cmap(figures.CMAP)(x) for x in np.linspace(0.05, 0.9, max(len(budgets), 1))]
-    with plt.rc_context(figures.STYLE):
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-        for key, ax, xkey, xlab, ref in (("lr", axes[0], "n_params_total", "parameters N_total", N_REF),
-                                         ("batch", axes[1], "tokens", "training tokens D", D_REF)):
-            for b, col in zip(budgets, cols):
-                cs = [c for c in done if c["budget"] == b]
-                ax.scatter([c[xkey] for c in cs], [c["optimum"][key] for c in cs], color=col, s=22, zorder=3,
-                           label=f"C = {b:.2g} (optimum)")
-                ax.scatter([c[xkey] for c in cs], [c["optimum"][f"best_{key}"] for c in cs], facecolors="none",
-                           edgecolors=col, s=22, zorder=2)
-            xs = np.exp(np.linspace(math.log(min(c[xkey] for c in done)) - 0.2,
-                                    math.log(max(c[xkey] for c in done)) + 0.2, 50))
-            f = fits[key]["N_total" if key == "lr" else "D"]
-            if f["exp_se"] is not None and math.isfinite(f["exp_se"]):
-                ax.plot(xs, f["coef"] * (xs / ref) ** f["exp"], color=figures.FIT_COLOR, lw=1,
-                        label=f"fit: exp {f['exp']:+.2f} ± {f['exp_se']:.2f}")
-            ys = [rule.lr_for(x) for x in xs] if key == "lr" else \
-                [rule.batch_coef * (x / D_REF) ** rule.batch_exp for x in xs]
-            ax.plot(xs, ys, color="tab:red", lw=1.2, ls="--", label=f"rule ({fits[key]['chosen']})")
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel(xlab)
-            ax.set_ylabel("optimal peak lr" if key == "lr" else "optimal batch (sequences)")
-            ax.legend(loc="best")
-        axes[0].set_title("lr*(N_total) (open = best trial)")
-        axes[1].set_title("batch*(D) (open = best trial)")
-        return _save(fig, folder, name)
 
 
 # --------------------------------------------------------------------------- the whole tuning
@@ -758,7 +473,7 @@ def run_tune(tcfg: TuneConfig, out: TextIO | None = None, launched: str | None =
                                   "trained_s": trained_s, "command_wall_s": time.perf_counter() - t0}}
             path = Path(tcfg.out)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(_clean(doc), indent=2, allow_nan=False) + "\n")
+            path.write_text(json.dumps(clean(doc), indent=2, allow_nan=False) + "\n")
             HyperRule.from_json(str(path))  # the search must be able to read what was written
             _log_parent(plog, doc, rule, path)
             parent_id = plog.run_id
@@ -791,7 +506,7 @@ def _log_parent(plog: tracking.RunLogger, doc: dict[str, Any], rule: HyperRule, 
     plog.log_artifact(path)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for p in plot_cells(doc["cells"], folder) + plot_rule(doc["cells"], rule, fits, folder):
+        for p in figures.tune_cells(doc["cells"], folder) + figures.tune_rule(doc["cells"], rule, fits, folder):
             plog.log_artifact(p, "figures")
 
 
