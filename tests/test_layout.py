@@ -55,3 +55,15 @@ def test_only_tracking_imports_mlflow():
         uses = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         uses |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert "mlflow" not in uses or name == "tracking", name
+
+
+def test_no_scaling_lab_import_hidden_in_a_function():
+    """Imports of the package's own modules sit at the top of each file, so the graph above is the real one."""
+    for name, tree in _modules().items():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for inner in ast.walk(node):
+                    if isinstance(inner, ast.ImportFrom) and (inner.module or "").startswith("scaling_lab"):
+                        raise AssertionError(f"{name}.{node.name} imports {inner.module} inside the function")
+                    if isinstance(inner, ast.Import) and any(a.name.startswith("scaling_lab") for a in inner.names):
+                        raise AssertionError(f"{name}.{node.name} imports scaling_lab inside the function")

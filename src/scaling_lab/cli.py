@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from scaling_lab import analyze, config, data, doctor, estimate, isoflop, laws, report, search, tracking
+from scaling_lab import analyze, config, data, doctor, estimate, isoflop, laws, report, search, tracking, tuning
 from scaling_lab.counting import make_plan
 from scaling_lab.errors import (
     ConfigError,
@@ -45,7 +45,7 @@ SUMMARIES = {
     "search": "Optuna isoFLOP studies, one per budget: Kaplan against Chinchilla.",
     "analyze": "Fit scaling laws to stored runs, a CSV or a simulation; write a report and log it to MLflow.",
     "doctor": "Check device, memory, stores, tokenizer and data for a mode.",
-    "tune": "",  # cli.main_tune's docstring, when it exists
+    "tune": "Tune lr and batch per (size, budget) cell; fit the rule a search uses.",
 }
 _PROG: contextvars.ContextVar[str | None] = contextvars.ContextVar("prog", default=None)  # "scaling-lab train"
 
@@ -399,10 +399,8 @@ def main_doctor(argv: list[str]) -> int:
 # --------------------------------------------------------------------------- tune
 
 
-def _tune_config(argv: list[str]) -> Any:
-    from scaling_lab import tuning
-
-    args = parse(argv, tuning.TUNE_FIELDS, "Tune lr and batch per (size, budget) cell; fit the rule a search uses.")
+def _tune_config(argv: list[str]) -> tuning.TuneConfig:
+    args = parse(argv, tuning.TUNE_FIELDS, SUMMARIES["tune"], (tuning.TuneConfig,), tuning.TUNE_MODES["quick"])
     tcfg = tuning.resolve_tune(args)
     tuning.plan_cells(tcfg)  # a budget too small for a size fails here, before any run exists
     data.validate_source(tcfg.data)
@@ -412,8 +410,6 @@ def _tune_config(argv: list[str]) -> Any:
 def main_tune(argv: list[str]) -> int:
     """The ``tune`` entry point: parse flags named like TuneConfig fields, tune every cell, fit and write the rule
     (``out``, for a search's ``hparams=<path>``), print the table."""
-    from scaling_lab import tuning
-
     launched = tracking.launched_run_id()  # the run `mlflow run` made: the tuning's parent run, or a record
     tcfg, code = guarded(launched, lambda: _tune_config(argv))
     if code is not None:
