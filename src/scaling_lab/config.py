@@ -385,6 +385,20 @@ def resolve(overrides: dict[str, Any] | None = None) -> RunConfig:
     return build(RunConfig, values)
 
 
+def resolve_preset(cls: type, presets: dict[str, dict[str, Any]], types: dict[str, type],
+                   overrides: dict[str, Any] | None = None, text: tuple[str, ...] = ()) -> Any:
+    """A config with a ``mode`` field (a search, a tuning): defaults < the mode's preset < explicit overrides
+    ('' / None unset), parsed with ``parse_fields``; ``text`` fields given as numbers (budgets=1e11) become text."""
+    given = parse_fields(dict(overrides or {}), types)
+    mode = given.get("mode", "quick")
+    choice("mode", mode, tuple(presets))
+    values = {**presets[mode], **given}
+    for name in text:
+        if isinstance(values.get(name), (int, float)):
+            values[name] = str(values[name])
+    return build(cls, values)
+
+
 def from_flat(values: dict[str, Any]) -> RunConfig:
     """Rebuild a RunConfig from ``RunConfig.flat()`` (checkpoints store this; older ones have no dry_run)."""
     return build(RunConfig, values)

@@ -257,13 +257,7 @@ SEARCH_FIELDS = list(_TYPES)
 
 def resolve_search(overrides: dict[str, Any] | None = None) -> SearchConfig:
     """Defaults < mode preset < explicit overrides ('' / None unset). Raises ConfigError naming the field."""
-    given = config.parse_fields(dict(overrides or {}), _TYPES)
-    mode = given.get("mode", "quick")
-    config.choice("mode", mode, tuple(SEARCH_MODES))
-    values = {**SEARCH_MODES[mode], **given}
-    if isinstance(values.get("budgets"), (int, float)):
-        values["budgets"] = str(values["budgets"])
-    return config.build(SearchConfig, values)
+    return config.resolve_preset(SearchConfig, SEARCH_MODES, _TYPES, overrides, text=("budgets",))
 
 
 def validate_storage_url(url: str) -> None:

@@ -176,14 +176,7 @@ TUNE_FIELDS = list(_TYPES)
 
 def resolve_tune(overrides: dict[str, Any] | None = None) -> TuneConfig:
     """Defaults < mode preset < explicit overrides ('' / None unset). Raises ConfigError naming the field."""
-    given = config.parse_fields(dict(overrides or {}), _TYPES)
-    mode = given.get("mode", "quick")
-    config.choice("mode", mode, tuple(TUNE_MODES))
-    values = {**TUNE_MODES[mode], **given}
-    for name in ("budgets", "sizes", "batches"):
-        if isinstance(values.get(name), (int, float)):
-            values[name] = str(values[name])
-    return config.build(TuneConfig, values)
+    return config.resolve_preset(TuneConfig, TUNE_MODES, _TYPES, overrides, text=("budgets", "sizes", "batches"))
 
 
 # --------------------------------------------------------------------------- the cells
