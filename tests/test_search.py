@@ -176,7 +176,8 @@ def _wait_for(pred, timeout: float, every: float = 0.1) -> bool:
 def test_rerun_after_sigkill_resumes_without_duplicates(tiny_search, store):
     storage = tiny_search["storage"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}", "PYTHONPATH": str(ROOT / "src")}
-    cmd = [sys.executable, str(ROOT / "mlproject" / "search.py"), *_args({**tiny_search, "budgets": "6e9"})]
+    # 5 sizes (pad 3), so a trial is still RUNNING after two have finished for long enough to be seen
+    cmd = [sys.executable, str(ROOT / "mlproject" / "search.py"), *_args({**tiny_search, "budgets": "6e9", "pad": "3"})]
     proc = subprocess.Popen(cmd, cwd=store, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def mid_study() -> bool:
