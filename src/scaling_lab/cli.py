@@ -249,7 +249,8 @@ def main_train(argv: list[str]) -> int:
         tracking.end_stray_run(launched, f"resume of {cfg.train.resume}: training continued in that run")
     try:
         if rank > 0:  # the other ranks train their share and log nothing
-            train(cfg, NullLogger(run_id=f"rank{rank}"), progress=False)
+            log = NullLogger(run_id=f"rank{rank}")  # named: an Interrupted on this rank reports log.run_id too
+            train(cfg, log, progress=False)
             return 0
         with tracking.run(cfg.experiment, run_name(cfg), run_id=run_id, tags={"scaling_lab.kind": "train"}) as log:
             if world > 1:
