@@ -29,10 +29,10 @@ def _runs(sizes):
 def test_neighbours_are_about_sqrt2_apart(n_vocab):
     sizes = family.family(n_vocab, 64)
     r = _ratios(sizes)
-    assert r[0] <= family.R_FIRST  # d 8 -> 12: no width between
+    assert r[0] <= family.R_FIRST  # d 4 -> 6: no width between
     assert all(1.25 <= x <= 1.6 for x in r[1:]), r
     assert math.exp(sum(map(math.log, r[1:])) / len(r[1:])) == pytest.approx(math.sqrt(2), rel=0.03)
-    assert sizes[0].n_embd == 8 and sizes[-1].n_params_total == pytest.approx(family.N_MAX, rel=0.1)
+    assert sizes[0].n_embd == 4 and sizes[-1].n_params_total == pytest.approx(family.N_MAX, rel=0.1)
 
 
 @pytest.mark.parametrize("n_vocab,block_size", SWEEP)
@@ -45,7 +45,8 @@ def test_family_invariants_over_vocabularies_and_contexts(n_vocab, block_size):
     assert [n_layer for n_layer, _ in runs] == sorted({n_layer for n_layer, _ in runs})  # grows, never back
     assert len(runs) <= 4  # three depth changes at most over 5k..1.07B
     for s in sizes:
-        assert s.n_embd % s.n_head == 0 and s.head_dim == family.head_dim(s.n_embd) in (4, 8, 16, 32, 64)
+        assert s.n_embd % s.n_head == 0 and s.head_dim == family.head_dim(s.n_embd) in (3, 4, 5, 8, 16, 32, 64)
+        assert s.head_dim >= 4 or s.n_embd < family.ODD_BELOW
         assert s.n_layer == family.depth_for(s.n_params_total)
         assert s.n_params == counting.n_params_nonembed(s.n_layer, s.n_embd)
         assert s.n_params_total == counting.n_params_total(s.n_layer, s.n_embd, n_vocab, block_size)

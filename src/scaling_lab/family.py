@@ -8,49 +8,55 @@ Design
   * Width: a multiple of the head dim, which grows with width (``head_dim``): 4 below d = 32, 8 below 128,
     16 below 256, 32 below 512, 64 from 512 on (GPT-2's). The 4-dim heads are a deliberate exception to
     "8 or 16": at small widths N_total ~ (n_vocab + block_size) d is linear in d, so sqrt(2) steps need the
-    widths 8, 12, 16, 20, 24, 28; 12, 20 and 28 do not split into 8-dim heads. The 32-dim band between the
-    16- and 64-dim ones keeps the width grain fine enough for sqrt(2) steps where N ~ 12 L d^2.
+    widths 4, 6, 8, 10, 12, 16, 20, 24, 28; 12, 20 and 28 do not split into 8-dim heads, and 6 and 10 (two
+    heads of 3 and 5) not into 4-dim ones. The widths 4, 6 and 10 put two sizes below N_total ~ 10k at 513
+    rows, so the smallest CPU budget (1e10 FLOPs, minimum near d = 12) is bracketed by two smaller sizes.
+    The 32-dim band between the 16- and 64-dim ones keeps the width grain fine enough for sqrt(2) steps
+    where N ~ 12 L d^2.
   * Depth: a step function of N_total (``depth_for``): 2 layers below 2^21 (2.1M), 4 below 2^24 (16.8M), 8
     below 2^27 (134M), 16 beyond. So it changes three times over 5k..1.07B, and never inside the CPU range where
     isoFLOP minima sit (N_total ~ 10k-200k at 513 rows, block 64: all 2-layer). Each band spans 8x in N_total,
     5-7 sizes. At least 2 layers: 1-layer models fall off the trend of L(N) (Kaplan et al. 2020, Sec. 3.1,
     Fig. 6). At vocab 257-513 this gives d_model / n_layer from ~50 to ~120 above d = 100 (loss is flat
     within a few percent over such aspect ratios, Kaplan et al. 2020, Fig. 5); GPT-2 small is 64.
-  * Sizes: all widths 8..4096 at the depth of their band are the candidates; the ladder is the path from the
-    smallest (d = 8, 2 layers) to the one nearest ``N_MAX`` = 2^30 (1.07B) whose neighbour ratios lie in
+  * Sizes: all widths 4..4096 at the depth of their band are the candidates; the ladder is the path from the
+    smallest (d = 4, 2 layers) to the one nearest ``N_MAX`` = 2^30 (1.07B) whose neighbour ratios lie in
     [``R_MIN``, ``R_MAX``] = [1.2, 1.6] and are as close to sqrt(2) as the integer widths allow (least squares
     of log ratio - log sqrt(2), a shortest path). Placing each size independently at the nearest width to a
     grid point 2^(k/2) adds two rounding errors per ratio and leaves 1.23 and 1.68 steps at 513 rows; the
-    path keeps every ratio in band. The first step (d 8 -> 12) may be up to ``R_FIRST`` = 1.85: at small
-    vocabularies no width lies between (1.77 at 257 rows, 1.68 at 513, 1.50 at 50257).
+    path keeps every ratio in band. The first step (d 4 -> 6) may be up to ``R_FIRST`` = 1.85: no width lies
+    between (1.66 at 257 rows, 1.60 at 513, 1.50 at 50257).
 
-Achieved neighbour ratios at block 64 (first step / all others, min..max): n_vocab 257: 1.77 / 1.250..1.577
-(29 sizes, N_total 4.3k..67M); 513: 1.68 / 1.294..1.550 (27 sizes, 6.4k..67M); 50257: 1.50 / 1.336..1.546
-(16 sizes, 404k..72M). Over n_vocab 257..50257 and block 8..2048 they stay within [1.248, 1.6] (tests).
+Achieved neighbour ratios at block 64 (first step / all others, min..max):
+n_vocab 257: 1.66 / 1.250..1.577 (40 sizes, N_total 1.8k..1078M);
+n_vocab 513: 1.60 / 1.268..1.550 (38 sizes, N_total 2.8k..1078M);
+n_vocab 50257: 1.50 / 1.252..1.503 (26 sizes, N_total 201.8k..1077M).
+Over n_vocab 257..50257 and block 8..2048 they stay within [1.25, 1.6] (tests). (Before the widths 4, 6, 10
+were added the ladder started at d = 8; every size from there up is unchanged, only the indices moved.)
 
 The first 20 sizes at n_vocab 513, block 64 (``table(513, 64, 20)``; N = non-embedding, N_total = all parameters):
 
      i  n_layer  n_head  n_embd  head_dim           N     N_total  ratio
-     0        2       2       8         4       1,760       6,376
-     1        2       3      12         4       3,792      10,716  1.681
-     2        2       4      16         4       6,592      15,824  1.477
-     3        2       5      20         4      10,160      21,700  1.371
-     4        2       6      24         4      14,496      28,344  1.306
-     5        2       4      32         8      25,472      43,936  1.550
-     6        2       5      40         8      39,520      62,600  1.425
-     7        2       6      48         8      56,640      84,336  1.347
-     8        2       7      56         8      76,832     109,144  1.294
-     9        2       9      72         8     126,432     167,976  1.539
-    10        2      11      88         8     188,320     239,096  1.423
-    11        2      13     104         8     262,496     322,504  1.349
-    12        2       8     128        16     396,800     470,656  1.459
-    13        2      10     160        16     618,880     711,200  1.511
-    14        2      12     192        16     890,112   1,000,896  1.407
-    15        2      15     240        16   1,389,120   1,527,600  1.526
-    16        4      13     208        16   2,087,904   2,207,920  1.445
-    17        4      15     240        16   2,777,760   2,916,240  1.321
-    18        4       9     288        32   3,996,864   4,163,040  1.428
-    19        4      11     352        32   5,966,400   6,169,504  1.482
+     0        2       1       4         4         496       2,804
+     1        2       2       6         3       1,032       4,494  1.603
+     2        2       2       8         4       1,760       6,376  1.419
+     3        2       2      10         5       2,680       8,450  1.325
+     4        2       3      12         4       3,792      10,716  1.268
+     5        2       4      16         4       6,592      15,824  1.477
+     6        2       5      20         4      10,160      21,700  1.371
+     7        2       6      24         4      14,496      28,344  1.306
+     8        2       4      32         8      25,472      43,936  1.550
+     9        2       5      40         8      39,520      62,600  1.425
+    10        2       6      48         8      56,640      84,336  1.347
+    11        2       7      56         8      76,832     109,144  1.294
+    12        2       9      72         8     126,432     167,976  1.539
+    13        2      11      88         8     188,320     239,096  1.423
+    14        2      13     104         8     262,496     322,504  1.349
+    15        2       8     128        16     396,800     470,656  1.459
+    16        2      10     160        16     618,880     711,200  1.511
+    17        2      12     192        16     890,112   1,000,896  1.407
+    18        2      15     240        16   1,389,120   1,527,600  1.526
+    19        4      13     208        16   2,087,904   2,207,920  1.445
 """
 
 from __future__ import annotations
@@ -64,7 +70,8 @@ from scaling_lab.counting import n_params_nonembed, n_params_total
 
 HEAD_DIMS = ((32, 4), (128, 8), (256, 16), (512, 32))  # (width below, head dim); 64 from 512 on
 DEPTHS = ((2**21, 2), (2**24, 4), (2**27, 8))  # (N_total below, n_layer); 16 beyond
-MIN_WIDTH, MAX_WIDTH = 8, 4096
+MIN_WIDTH, MAX_WIDTH = 4, 4096
+ODD_BELOW = 12  # widths below this that are not multiples of 4 (6, 10) get two heads of d/2
 N_MAX = 2**30  # the ladder ends at the size nearest 1.07B parameters (full mode needs ~100M)
 R_MIN, R_MAX = 1.2, 1.6  # neighbour ratio N_total[i+1] / N_total[i]
 R_FIRST = 1.85  # the step from the smallest size (see the module docstring)
@@ -89,7 +96,10 @@ class Shape:
 
 
 def head_dim(n_embd: int) -> int:
-    """Head width for a model width: 4, 8, 16, 32 below d = 32, 128, 256, 512; 64 (GPT-2) from 512 on."""
+    """Head width for a model width: 4, 8, 16, 32 below d = 32, 128, 256, 512; 64 (GPT-2) from 512 on; d/2 for
+    the smallest widths that are not multiples of 4 (6 -> 3, 10 -> 5)."""
+    if n_embd < ODD_BELOW and n_embd % 4:
+        return n_embd // 2
     for below, dim in HEAD_DIMS:
         if n_embd < below:
             return dim
@@ -105,8 +115,10 @@ def depth_for(n_params_total: int) -> int:
 
 
 def widths() -> list[int]:
-    """Candidate widths MIN_WIDTH..MAX_WIDTH, each a multiple of its head dim."""
-    return [d for d in range(MIN_WIDTH, MAX_WIDTH + 1, 4) if d % head_dim(d) == 0]
+    """Candidate widths MIN_WIDTH..MAX_WIDTH, each a multiple of its head dim: every even width below
+    ODD_BELOW (4, 6, 8, 10), multiples of 4 from there on."""
+    return [d for d in range(MIN_WIDTH, MAX_WIDTH + 1, 2)
+            if (d < ODD_BELOW or d % 4 == 0) and d % head_dim(d) == 0]
 
 
 def _shape(n_layer: int, n_embd: int, n_vocab: int, block_size: int) -> Shape:

@@ -241,7 +241,7 @@ SEARCH_MODES: dict[str, dict[str, Any]] = {
     "tiny": dict(budgets="6e9,1.8e10", sampler="grid", pad=1, widen=0, steps_target=40, batch_min=1, batch_max=64,
                  block_size=64, vocab_size=256, eval_tokens=2048, lr=3e-3, prune_startup=2, prune_warmup=5,
                  dtype="fp32"),
-    "quick": dict(budgets="3e10,1e11,3e11,1e12", anchors="chinchilla", sampler="grid", pad=2, pad_below=2,
+    "quick": dict(budgets="1e10,3e10,1e11,3e11,1e12", anchors="chinchilla", sampler="grid", pad=2, pad_below=2,
                   widen=4, bracket=2, replicas=2, hparams="fixed", steps_target=2000, batch_min=1, batch_max=512,
                   block_size=64, vocab_size=512, eval_tokens=16384, lr=3e-3, dtype="fp32"),
     "standard": dict(budgets="1e15,3e15,1e16", sampler="tpe", trials=10, pad=2, widen=2, steps_target=3000,

@@ -143,14 +143,37 @@ def open_study(scfg: SearchConfig, plan: BudgetPlan, storage, pruner=None):
     study = optuna.create_study(study_name=plan.study_name, storage=storage, sampler=make_sampler(scfg),
                                 pruner=pruner or make_pruner(scfg), direction="minimize", load_if_exists=True)
     attrs = study.user_attrs
+    check_ladder(study, plan, scfg)
     lo = min(plan.lo, attrs.get("range_lo", plan.lo))
     hi = max(plan.hi, attrs.get("range_hi", plan.hi))
     plan.lo, plan.hi = lo, min(hi, plan.cap)
     for k, v in {"budget": plan.budget, "flops_rule": scfg.flops_rule, "range_lo": plan.lo, "range_hi": plan.hi,
-                 "vocab_size": scfg.data.vocab_size, "block_size": scfg.block_size}.items():
+                 "vocab_size": scfg.data.vocab_size, "block_size": scfg.block_size,
+                 "ladder": ladder_of(plan)}.items():
         if attrs.get(k) != v:
             study.set_user_attr(k, v)
     return study
+
+
+def ladder_of(plan: BudgetPlan) -> str:
+    """The family's widths by rung, as stored on a study: a trial's ``rung`` means nothing without it."""
+    return ",".join(map(str, plan.widths))
+
+
+def check_ladder(study, plan: BudgetPlan, scfg: SearchConfig) -> None:
+    """Refuse to resume a study whose rungs index another model ladder (an older family version)."""
+    stored = study.user_attrs.get("ladder")
+    clash = stored is not None and stored != ladder_of(plan)
+    if stored is None:  # studies from before the attribute: compare each trial's recorded width
+        for t in study.get_trials(deepcopy=False):
+            rung, width = t.params.get("rung"), t.user_attrs.get("n_embd")
+            if rung is not None and width is not None and (rung >= len(plan.widths) or plan.widths[rung] != width):
+                clash = True
+                break
+    if clash:
+        raise ConfigError("study_prefix", scfg.study_prefix,
+                          f"a prefix (or storage) without the study {plan.study_name}: it was made with another "
+                          f"model ladder, so its rungs would mean other sizes here")
 
 
 def enqueue_missing(study, plan: BudgetPlan, grid: bool) -> int:
