@@ -431,10 +431,10 @@ def main_doctor(argv: list[str]) -> int:
     try:
         args = parse(argv, doctor.DOCTOR_FIELDS, SUMMARIES["doctor"], (config.RunConfig, isoflop.SearchConfig),
                      config.MODES["quick"])
+        args = {k: v for k, v in args.items() if not config.is_unset(v)}
+        config.resolve({k: v for k, v in args.items() if k != "storage"})  # a bad value is a bad flag: exit 2
     except ConfigError as exc:
-        error(str(exc))
-        return 2
-    args = {k: v for k, v in args.items() if not config.is_unset(v)}
+        return refuse(exc, launched)
     checks = doctor.run_checks(dict(args))
     text = doctor.report(checks, args.get("mode", "quick"))
     print(text)
