@@ -252,7 +252,8 @@ def _check_table_head(path: Path, split: str, head: str) -> None:
             elif body.startswith("{"):
                 first = json.loads(body.splitlines()[0])
             else:
-                raise DataFileError(path, split, f"is not JSON (it starts with {body[:12]!r})", allowed)
+                what = "JSON lines" if kind == ".jsonl" else "JSON"
+                raise DataFileError(path, split, f"is not {what} (it starts with {body[:12]!r})", allowed)
         except json.JSONDecodeError as exc:
             if kind == ".jsonl":
                 raise DataFileError(path, split, f"is not JSON lines: its first line is not a JSON object ({exc.msg})",
