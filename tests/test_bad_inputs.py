@@ -301,3 +301,22 @@ def test_an_internal_error_keeps_its_traceback_and_exit_1():
     assert cli.guarded(None, mistake) == (None, 2)
     with pytest.raises(ZeroDivisionError):
         cli.guarded(None, lambda: 1 / 0)
+
+
+def test_yes_is_a_bare_flag_and_lets_a_long_plan_start(lab):
+    """``--yes`` alone means true (the one parser), ``-P yes=true`` the same; with it a plan over a day is not
+    refused, without it the refusal names --yes; a dry run of such a plan says a real run needs it."""
+    from scaling_lab import cli, config
+
+    args = cli.parse(["--yes", "--tokens", "1e30"], config.field_names(), "", (config.RunConfig,))
+    assert config.resolve({**args, "mode": "tiny"}).train.yes is True
+    assert config.resolve({"mode": "tiny", "yes": "true"}).train.yes is True
+    assert config.resolve({"mode": "tiny"}).train.yes is False
+    cli.confirm_long_plan(2 * cli.DAY_S, "a run", yes=True)
+    cli.confirm_long_plan(0.5 * cli.DAY_S, "a run", yes=False)
+    with pytest.raises(config.ConfigError, match="--yes"):
+        cli.confirm_long_plan(2 * cli.DAY_S, "a run", yes=False)
+    rc, err, cwd = run_case(lab, "dry-run-over-a-day", "main", [*TINY, "--tokens", "1e30", "--dry_run"], {})
+    out = (cwd / "stdout.txt").read_text()
+    assert rc == 0 and "Traceback" not in err and cli.LONG_PLAN_NOTE in out
+    assert runs_in(cwd) == []

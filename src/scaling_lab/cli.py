@@ -33,6 +33,7 @@ from scaling_lab.train import NullLogger, resume_config, train
 
 USER_ERRORS = (ConfigError, DataUnavailable)
 DAY_S = 86_400.0  # a plan estimated longer than this starts only with yes=true
+LONG_PLAN_NOTE = "estimated at more than a day: the real run starts only with --yes (mlflow run: -P yes=true)"
 
 
 # Allowed values --help lists, by field name (device also takes cuda:N).
@@ -256,7 +257,10 @@ def dry_run_train(cfg: config.RunConfig, launched: str | None) -> int:
     ``mlflow run`` made is ended and deleted; ``mlflow gc`` removes deleted runs for good)."""
     if launched:
         tracking.end_stray_run(launched, "dry run: nothing trained")
-    print(estimate.format_plan(cfg, estimate.estimate_run(cfg)))
+    est = estimate.estimate_run(cfg)
+    print(estimate.format_plan(cfg, est))
+    if est.total_s > DAY_S and not cfg.train.yes:
+        print(f"  warning     {LONG_PLAN_NOTE}")
     if not data.is_local(cfg.data.dataset) and not data.hub_reachable():
         print(f"  warning     dataset '{cfg.data.dataset}' needs the Hugging Face hub, which cannot be reached: "
               f"{data.OFFLINE_HINT} (check everything with the doctor entry point)")
@@ -349,7 +353,10 @@ def main_search(argv: list[str]) -> int:
     if scfg.dry_run:
         if launched:
             tracking.end_stray_run(launched, "dry run: nothing trained")
-        print(search.format_search_plan(scfg, search.plan_search(scfg)))
+        plans = search.plan_search(scfg)
+        print(search.format_search_plan(scfg, plans))
+        if sum(b.total_s for b in plans) > DAY_S and not scfg.train.yes:
+            print(f"  warning     {LONG_PLAN_NOTE}")
         return 0
     _, code = guarded(launched, lambda: _search_checks(scfg))
     if code is not None:
