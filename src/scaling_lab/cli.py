@@ -207,7 +207,8 @@ def check_writable_dir(param: str, path: str) -> None:
 def confirm_long_plan(total_s: float, what: str, yes: bool) -> None:
     """A plan estimated at more than a day needs ``yes=true`` (a typo in tokens/flops/budgets is caught here)."""
     if total_s > DAY_S and not yes:
-        raise ConfigError("yes", "false", f"true to start {what} estimated at {estimate.fmt_seconds(total_s)} at the "
+        shown = estimate.fmt_seconds(total_s) if total_s < 1000 * DAY_S else f"{total_s / DAY_S:.2g} days"
+        raise ConfigError("yes", "false", f"true to start {what} estimated at {shown} at the "
                           "calibrated speed (more than a day): pass --yes (mlflow run: -P yes=true), or a smaller "
                           "budget")
 
