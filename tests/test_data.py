@@ -1,6 +1,9 @@
 """Tokenizer truncation, local datasets through `datasets`, the token cache, batches and bits per byte."""
 
+import dataclasses
+import gzip
 import json
+import lzma
 import math
 import time
 
@@ -9,6 +12,7 @@ import pytest
 
 from scaling_lab import data
 from scaling_lab.config import ConfigError, DataConfig, n_vocab_for, resolve
+from scaling_lab.errors import DataFileError
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +135,104 @@ def test_missing_text_column(tmp_path):
     pd.DataFrame({"body": ["x" * 100]}).to_parquet(tmp_path / "train.parquet")
     with pytest.raises(ConfigError, match="'text' column"):
         data.load_tokens(DataConfig(dataset=str(tmp_path), cache_dir=str(tmp_path / "c")), "train")
+
+
+# --------------------------------------------------------------------------- bad local files (issue #17.1)
+
+BAD_FILES = [  # (file name, bytes, encoding, words of the one-line message)
+    ("train.txt", b"", "utf-8", ["is empty (0 bytes)"]),
+    ("train.txt", bytes(range(256)) * 8, "utf-8", ["not text", "NUL byte at byte offset 0"]),
+    ("train.txt", bytes(range(256)) * 8, "latin-1", ["not text", "NUL byte"]),  # any byte is latin-1, not text
+    ("train.txt", b"line one\nna\xefve\n", "utf-8", ["not valid utf-8", "byte 0xef at byte offset 11 (line 2)"]),
+    ("train.txt", "caf\u00e9".encode()[:-1], "utf-8", ["byte 0xc3 at byte offset 3", "unexpected end of data"]),
+    ("train.txt", b" \n\t\n", "utf-8", ["no text (whitespace only)"]),
+    ("train.txt.gz", gzip.compress(b""), "utf-8", ["empty after decompression"]),
+    ("train.txt.gz", b"\x1f\x8b\x08\x00broken", "utf-8", ["cannot be read or decompressed"]),
+    ("train.jsonl", b'{"body": "x"}\n', "utf-8", ["no 'text' field (its first record: body)"]),
+    ("train.jsonl", b"not json\n", "utf-8", ["not JSON lines"]),
+    ("train.json", b'[{"title": "t"}]', "utf-8", ["no 'text' field (its first record: title)"]),
+    ("train.csv", b"title,body\na,b\n", "utf-8", ["no 'text' column (its header: title, body)"]),
+    ("train.parquet", b"PAR1 not really", "utf-8", ["not a readable parquet file"]),
+]
+
+
+@pytest.mark.parametrize("name, raw, encoding, words", BAD_FILES)
+def test_a_bad_file_is_one_line_naming_file_split_and_problem(tmp_path, name, raw, encoding, words):
+    (tmp_path / name).write_bytes(raw)
+    (tmp_path / "valid.txt").write_text("fine text\n")
+    cfg = DataConfig(dataset=str(tmp_path), encoding=encoding, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataFileError) as err:
+        data.validate_source(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and f"file '{tmp_path / name}' (split 'train')" in msg and "allowed:" in msg
+    for w in words:
+        assert w in msg, msg
+    with pytest.raises(DataFileError):  # the library path (a search worker, train()) checks the same
+        data.load_tokens(cfg, "train")
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
+def test_compressed_text_reads_as_the_plain_text(tmp_path, wiki_text):
+    """train.txt.gz, and gzip bytes under a plain name (datasets decompresses both), give the plain file's tokens."""
+    text = wiki_text[:50_000].encode()
+    for folder, name, raw in (("plain", "train.txt", text), ("gz", "train.txt.gz", gzip.compress(text)),
+                              ("xz", "train.txt.xz", lzma.compress(text)), ("gzname", "train.txt", gzip.compress(text))):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_bytes(raw)
+    cfg = lambda f: DataConfig(dataset=str(tmp_path / f), vocab_size=512, cache_dir=str(tmp_path / "c"))  # noqa: E731
+    plain = np.asarray(data.load_tokens(cfg("plain"), "train").ids)
+    assert len(plain) > 1000
+    for folder in ("gz", "xz", "gzname"):
+        data.validate_source(dataclasses.replace(cfg(folder), val_split="train"))
+        assert np.array_equal(np.asarray(data.load_tokens(cfg(folder), "train").ids), plain), folder
+
+
+def test_encoding_option_reads_latin1_text(tmp_path):
+    text = "Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e, na\u00efve d\u00e9j\u00e0 vu.\n" * 40
+    (tmp_path / "train.txt").write_bytes(text.encode("latin-1"))
+    with pytest.raises(DataFileError, match="encoding="):
+        data.check_file(tmp_path / "train.txt", "train")
+    cfg = DataConfig(dataset=str(tmp_path), vocab_size=256, encoding="latin-1", cache_dir=str(tmp_path / "c"))
+    ids = np.asarray(data.load_tokens(cfg, "train").ids)
+    enc = data.get_encoding(256)
+    assert enc.decode([int(i) for i in ids if i != enc.eot_token]) == text.rstrip("\n").replace("\n\n", "\n")
+    with pytest.raises(ConfigError, match="parameter 'encoding'"):
+        DataConfig(encoding="klingon")
+    with pytest.raises(ConfigError, match="parameter 'encoding'"):
+        DataConfig(encoding="rot13")  # a codec, but not a text encoding
+
+
+def test_a_file_datasets_cannot_read_fails_in_one_line_and_caches_nothing(tmp_path):
+    """A JSON-lines file whose first record is fine and a later one broken passes the quick check; datasets' reader
+    then fails: one line naming the file, and no cache file, whole or partial."""
+    lines = [json.dumps({"text": f"document {i} " * 20}) for i in range(50)] + ['{"text": "unterminated']
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(dataset=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    data.check_file(tmp_path / "train.jsonl", "train")
+    with pytest.raises(DataFileError, match="cannot be read by datasets' json reader") as err:
+        data.load_tokens(cfg, "train")
+    assert "\n" not in str(err.value) and "train.jsonl" in str(err.value)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
+def test_data_shorter_than_a_block_is_named_with_the_block_size(tmp_path):
+    (tmp_path / "train.txt").write_text("hello world\n")
+    (tmp_path / "valid.txt").write_text("plenty of text here " * 50)
+    cfg = DataConfig(dataset=str(tmp_path), vocab_size=256, cache_dir=str(tmp_path / "c"))
+    data.check_length(cfg, block_size=8)  # 'hello world' (one byte per token) + end-of-text: 12 tokens >= 10
+    with pytest.raises(DataFileError, match=r"holds 12 tokens at vocab_size 256, fewer than block_size\+2 = 66"):
+        data.check_length(cfg, block_size=64)
+
+
+def test_the_cache_holds_the_whole_split_whatever_the_first_budget(tmp_path):
+    """A short first run must not cache a truncated split that a longer run later trains on (local files are read
+    whole; only streamed hub data stops at the budget)."""
+    doc = " = Title {} = \n" + "some words in this article . " * 20 + "\n"
+    (tmp_path / "train.txt").write_text("".join(doc.format(i) for i in range(600)))
+    cfg = DataConfig(dataset=str(tmp_path), vocab_size=256, cache_dir=str(tmp_path / "c"))
+    first = data.load_tokens(cfg, "train", max_tokens=1000)
+    assert first.n_docs == 600
+    assert len(data.load_tokens(cfg, "train", max_tokens=10**9).ids) == len(first.ids)
 
 
 def test_hub_unreachable_fails_fast_with_the_fix():

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import contextvars
+import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from scaling_lab import analyze, config, data, doctor, estimate, isoflop, laws, report, search, tracking, tuning
@@ -30,6 +32,8 @@ from scaling_lab.runtime import dist_setup, dist_teardown, pick_device
 from scaling_lab.train import NullLogger, resume_config, train
 
 USER_ERRORS = (ConfigError, DataUnavailable)
+DAY_S = 86_400.0  # a plan estimated longer than this starts only with yes=true
+LONG_PLAN_NOTE = "estimated at more than a day: the real run starts only with --yes (mlflow run: -P yes=true)"
 
 
 # Allowed values --help lists, by field name (device also takes cuda:N).
@@ -180,11 +184,33 @@ def refuse(exc: BaseException, launched: str | None, code: int = 2) -> int:
 
 
 def guarded(launched: str | None, work: Callable[[], Any]) -> tuple[Any, int | None]:
-    """Run ``work``; a user mistake becomes (None, 2) after ``refuse``; else (its result, None)."""
+    """Run ``work``; a user mistake becomes (None, 2) after ``refuse``; else (its result, None). Anything else
+    (a bug) propagates: its traceback is shown and the exit code is 1."""
     try:
         return work(), None
     except USER_ERRORS as exc:
         return None, refuse(exc, launched)
+
+
+def check_writable_dir(param: str, path: str) -> None:
+    """Fail before any run exists when folder ``path`` cannot be created or written: the nearest existing path at
+    or above it must be a writable folder. Creates nothing (a dry run leaves no folder behind)."""
+    q = Path(path).expanduser().absolute()
+    while not q.exists() and q != q.parent:
+        q = q.parent
+    if not q.is_dir():
+        raise ConfigError(param, path, f"a folder that can be created ('{q}' is a file, not a folder)")
+    if not os.access(q, os.W_OK | os.X_OK):
+        raise ConfigError(param, path, f"a folder this user can write ('{q}' is not writable)")
+
+
+def confirm_long_plan(total_s: float, what: str, yes: bool) -> None:
+    """A plan estimated at more than a day needs ``yes=true`` (a typo in tokens/flops/budgets is caught here)."""
+    if total_s > DAY_S and not yes:
+        shown = estimate.fmt_seconds(total_s) if total_s < 1000 * DAY_S else f"{total_s / DAY_S:.2g} days"
+        raise ConfigError("yes", "false", f"true to start {what} estimated at {shown} at the "
+                          "calibrated speed (more than a day): pass --yes (mlflow run: -P yes=true), or a smaller "
+                          "budget")
 
 
 # --------------------------------------------------------------------------- main: train one configuration
@@ -210,14 +236,20 @@ def _train_config(argv: list[str], launched: str | None = None) -> config.RunCon
             raise ConfigError("experiment", args["experiment"], f"the experiment mlflow run created this run in "
                               f"('{where}'): pass --experiment-name {args['experiment'].strip()} to mlflow run "
                               "instead of -P experiment")
-    if args.get("resume"):
-        cfg = resume_config(args["resume"], args.get("checkpoint_dir") or config.TrainConfig.checkpoint_dir)
+    if not config.is_unset(args.get("resume")):
+        rid = args["resume"].strip()
+        folder = args.get("checkpoint_dir") or config.TrainConfig.checkpoint_dir
+        if Path(rid).name != rid or rid in (".", "..") or not (Path(folder) / rid / "last.pt").is_file():
+            raise ConfigError("resume", args["resume"], f"the id of a run with a checkpoint under checkpoint_dir "
+                              f"'{folder}' ({folder}/<run id>/last.pt)")
+        cfg = resume_config(rid, folder)
         cfg.dry_run = config.parse_value("dry_run", args.get("dry_run") or "false")  # not stored in checkpoints
     else:
         cfg = config.resolve(args)
     make_plan(cfg)  # a budget below one optimizer step fails here, before any run exists
     pick_device(cfg.train.device)
     data.validate_source(cfg.data)
+    check_writable_dir("checkpoint_dir", cfg.train.checkpoint_dir)
     return cfg
 
 
@@ -226,7 +258,10 @@ def dry_run_train(cfg: config.RunConfig, launched: str | None) -> int:
     ``mlflow run`` made is ended and deleted; ``mlflow gc`` removes deleted runs for good)."""
     if launched:
         tracking.end_stray_run(launched, "dry run: nothing trained")
-    print(estimate.format_plan(cfg, estimate.estimate_run(cfg)))
+    est = estimate.estimate_run(cfg)
+    print(estimate.format_plan(cfg, est))
+    if est.total_s > DAY_S and not cfg.train.yes:
+        print(f"  warning     {LONG_PLAN_NOTE}")
     if not data.is_local(cfg.data.dataset) and not data.hub_reachable():
         print(f"  warning     dataset '{cfg.data.dataset}' needs the Hugging Face hub, which cannot be reached: "
               f"{data.OFFLINE_HINT} (check everything with the doctor entry point)")
@@ -241,9 +276,17 @@ def main_train(argv: list[str]) -> int:
         return code
     if cfg.dry_run:
         return dry_run_train(cfg, launched)
+    if not cfg.train.resume:  # data shorter than one block fails here, before any run exists
+        _, code = guarded(launched, lambda: data.check_length(cfg.data, cfg.model.block_size))
+        if code is not None:
+            return code
     rank, world = dist_setup(cfg.train.device)  # torchrun: one process per rank; only rank 0 talks to MLflow
     # calibrated throughput (cached per device+shape) -> predicted wall time; single-process runs only
     est = estimate.estimate_or_none(cfg) if world == 1 else None
+    if est is not None:
+        _, code = guarded(launched, lambda: confirm_long_plan(est.total_s, "a run", cfg.train.yes))
+        if code is not None:
+            return code
     run_id = cfg.train.resume or launched
     if cfg.train.resume and launched and launched != cfg.train.resume:
         tracking.end_stray_run(launched, f"resume of {cfg.train.resume}: training continued in that run")
@@ -290,7 +333,16 @@ def _search_config(argv: list[str]) -> isoflop.SearchConfig:
     for c in scfg.budget_list():
         isoflop.plan_budget(scfg, c)
     data.validate_source(scfg.data)
+    check_writable_dir("checkpoint_dir", scfg.train.checkpoint_dir)
     return scfg
+
+
+def _search_checks(scfg: isoflop.SearchConfig) -> None:
+    """What a real search checks before any study or run exists: data at least one block long, and a plan
+    longer than a day only with yes=true."""
+    data.check_length(scfg.data, scfg.block_size)
+    if not scfg.train.yes:
+        confirm_long_plan(sum(b.total_s for b in search.plan_search(scfg)), "a search", False)
 
 
 def main_search(argv: list[str]) -> int:
@@ -302,8 +354,14 @@ def main_search(argv: list[str]) -> int:
     if scfg.dry_run:
         if launched:
             tracking.end_stray_run(launched, "dry run: nothing trained")
-        print(search.format_search_plan(scfg, search.plan_search(scfg)))
+        plans = search.plan_search(scfg)
+        print(search.format_search_plan(scfg, plans))
+        if sum(b.total_s for b in plans) > DAY_S and not scfg.train.yes:
+            print(f"  warning     {LONG_PLAN_NOTE}")
         return 0
+    _, code = guarded(launched, lambda: _search_checks(scfg))
+    if code is not None:
+        return code
     try:
         results = search.run_search(scfg)
     except USER_ERRORS as exc:
@@ -381,10 +439,10 @@ def main_doctor(argv: list[str]) -> int:
     try:
         args = parse(argv, doctor.DOCTOR_FIELDS, SUMMARIES["doctor"], (config.RunConfig, isoflop.SearchConfig),
                      config.MODES["quick"])
+        args = {k: v for k, v in args.items() if not config.is_unset(v)}
+        config.resolve({k: v for k, v in args.items() if k != "storage"})  # a bad value is a bad flag: exit 2
     except ConfigError as exc:
-        error(str(exc))
-        return 2
-    args = {k: v for k, v in args.items() if not config.is_unset(v)}
+        return refuse(exc, launched)
     checks = doctor.run_checks(dict(args))
     text = doctor.report(checks, args.get("mode", "quick"))
     print(text)
@@ -405,6 +463,7 @@ def _tune_config(argv: list[str]) -> tuning.TuneConfig:
     tcfg = tuning.resolve_tune(args)
     tuning.plan_cells(tcfg)  # a budget too small for a size fails here, before any run exists
     data.validate_source(tcfg.data)
+    check_writable_dir("checkpoint_dir", tcfg.train.checkpoint_dir)
     return tcfg
 
 
@@ -420,6 +479,9 @@ def main_tune(argv: list[str]) -> int:
             tracking.end_stray_run(launched, "dry run: nothing trained")
         print(tuning.format_tune_plan(tcfg))
         return 0
+    _, code = guarded(launched, lambda: data.check_length(tcfg.data, tcfg.block_size))
+    if code is not None:
+        return code
     import shlex
 
     given = {k: v for k, v in parse(argv, tuning.TUNE_FIELDS, "").items() if not config.is_unset(v)}
@@ -434,3 +496,7 @@ def main_tune(argv: list[str]) -> int:
         return refuse(KeyboardInterrupt("interrupted; re-run the same command to continue the studies"), launched,
                       130)
     return 0
+
+
+if __name__ == "__main__":  # python -m scaling_lab.cli <command> ...: the scaling-lab console script
+    sys.exit(main())

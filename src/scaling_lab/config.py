@@ -9,6 +9,7 @@ strings into typed values with ``parse_fields``: a value is unset only when abse
 from __future__ import annotations
 
 import ast
+import codecs
 import dataclasses
 import functools
 import inspect
@@ -49,6 +50,13 @@ def positive_float(name: str, value: Any, allow_zero: bool = False) -> None:
     ok = ok and (value >= 0 if allow_zero else value > 0)
     if not ok:
         raise ConfigError(name, value, "a non-negative finite number" if allow_zero else "a positive finite number")
+
+
+def _is_text_codec(name: str) -> bool:
+    try:
+        return codecs.lookup(name)._is_text_encoding
+    except LookupError:
+        return False
 
 
 def choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -94,8 +102,12 @@ class DataConfig:
     """GPT-2 BPE ranks kept (256 = bytes only ... 50257 = all of GPT-2); end-of-text is one more id."""
     cache_dir: str = ""
     """Token cache folder ('' = $SCALING_LAB_CACHE or ~/.cache/scaling_lab)."""
+    encoding: str = "utf-8"
+    """Text encoding of local text, jsonl and csv files (a Python codec: utf-8, latin-1, cp1252, utf-16, ...)."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.encoding, str) or not _is_text_codec(self.encoding):
+            raise ConfigError("encoding", self.encoding, "a Python text codec such as utf-8, latin-1, cp1252, utf-16")
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ConfigError("dataset", self.dataset, "one of " + ", ".join(NAMED_DATASETS) + ", or a local path")
         choice("tokenizer", self.tokenizer, TOKENIZERS)
@@ -159,6 +171,9 @@ class TrainConfig:
     """Log the final checkpoint as an MLflow artifact."""
     resume: str = ""
     """Run id to continue from its last checkpoint."""
+    yes: bool = False
+    """Start a run or search whose plan is estimated at more than a day at the calibrated speed (refused without
+    it; a bare --yes means true)."""
 
     def __post_init__(self) -> None:
         positive_int("tokens", self.tokens, allow_zero=True)
@@ -182,6 +197,8 @@ class TrainConfig:
             raise ConfigError("device", dev, "auto, cpu, cuda, cuda:N, mps")
         choice("dtype", self.dtype, DTYPES)
         choice("compile", self.compile, COMPILE_CHOICES)
+        if not isinstance(self.yes, bool):
+            raise ConfigError("yes", self.yes, "true or false")
 
 
 @dataclass

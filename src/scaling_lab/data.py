@@ -7,12 +7,18 @@ uint16 memmaps keyed by dataset, split, tokenizer, vocabulary and content hash.
 
 from __future__ import annotations
 
+import bz2
+import codecs
+import csv
+import gzip
 import hashlib
 import json
+import lzma
 import math
 import os
 import re
 import socket
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +27,7 @@ import numpy as np
 import torch
 
 from scaling_lab.config import GPT2_RANKS, NAMED_DATASETS, DataConfig
-from scaling_lab.errors import ConfigError, DataUnavailable
+from scaling_lab.errors import ConfigError, DataFileError, DataUnavailable
 
 HUB = {  # name -> (hub path, config name, streamed)
     "wikitext-2": ("Salesforce/wikitext", "wikitext-2-raw-v1", False),
@@ -35,9 +41,13 @@ SPLIT_KEYWORDS = {  # file-name keywords per split, as datasets' data-files patt
     "test": ("test", "testing"),
 }
 TEXT_EXTENSIONS = (".txt", ".raw", ".text", ".md")
+TABLE_EXTENSIONS = (".parquet", ".jsonl", ".json", ".csv")  # tables: their 'text' column is the text
+COMPRESSIONS = {".gz": (b"\x1f\x8b", gzip.open), ".bz2": (b"BZh", bz2.open), ".xz": (b"\xfd7zXZ\x00", lzma.open)}
+FILE_KINDS = ("text (.txt/.raw/.text/.md, also .gz/.bz2/.xz compressed) or a table (.parquet/.jsonl/.json/.csv) "
+              "with a 'text' column")
 OFFLINE_HINT = (
-    "pass local files with dataset=/path/to/dir (train*/valid*/test* .txt/.raw, .parquet or .jsonl with a 'text' "
-    "column; train_split=test trains on a test file) and set TIKTOKEN_CACHE_DIR to an offline tiktoken cache"
+    "pass local files with dataset=/path/to/dir (train*/valid*/test* .txt/.raw, .parquet, .jsonl or .csv with a "
+    "'text' column; train_split=test trains on a test file) and set TIKTOKEN_CACHE_DIR to an offline tiktoken cache"
 )
 
 
@@ -104,11 +114,19 @@ def local_files(dataset: str) -> dict[str, list[Path]]:
     splits: dict[str, list[Path]] = {}
     for p in paths:
         split = _split_of(p)
-        if split and (p.suffix in TEXT_EXTENSIONS + (".parquet", ".jsonl", ".json")):
+        if split and file_kind(p) in TEXT_EXTENSIONS + TABLE_EXTENSIONS:
             splits.setdefault(split, []).append(p)
     if not splits:
-        raise ConfigError("dataset", dataset, "files named train*/valid*/validation*/test* (text, parquet or jsonl)")
+        raise ConfigError("dataset", dataset, "files named train*/valid*/validation*/test*, each " + FILE_KINDS)
     return splits
+
+
+def file_kind(path: Path) -> str:
+    """A data file's format extension, lower case, a compression suffix skipped: train.txt.gz -> '.txt'."""
+    sfx = [x.lower() for x in path.suffixes]
+    if len(sfx) > 1 and sfx[-1] in COMPRESSIONS:
+        return sfx[-2]
+    return sfx[-1] if sfx else ""
 
 
 def is_local(dataset: str) -> bool:
@@ -116,7 +134,8 @@ def is_local(dataset: str) -> bool:
 
 
 def validate_source(cfg: DataConfig) -> None:
-    """Fail before any run exists when a local dataset path or one of its splits is missing."""
+    """Fail before any run exists when a local dataset path or one of its splits is missing, or a file of a split
+    cannot serve as its text (``check_file``)."""
     if not is_local(cfg.dataset):
         return
     files = local_files(cfg.dataset)
@@ -126,14 +145,140 @@ def validate_source(cfg: DataConfig) -> None:
         for p in files[split]:
             if not os.access(p, os.R_OK):
                 raise ConfigError("dataset", str(p), "readable files")
+            check_file(p, split, cfg.encoding)
+
+
+# --------------------------------------------------------------------------- checking local files
+
+CHUNK = 1 << 20  # bytes read at a time when checking a file
+HEAD_CHARS = 1 << 16  # decoded characters kept for the table checks (header line, first record)
+_CHECKED: set[tuple] = set()  # (path, size, mtime, encoding) of files already checked by this process
+
+
+def check_file(path: Path, split: str, encoding: str = "utf-8") -> None:
+    """Raise DataFileError (one line: the file as given, the split, the problem, what is allowed) when ``path``
+    cannot serve as text: empty; not text (a NUL byte: binary); not decodable with ``encoding`` (byte offset, line
+    and the bad byte); a parquet/jsonl/json/csv table without a 'text' column. Compressed text (.gz, .bz2, .xz,
+    or a gzip file under any name, as ``datasets`` decompresses it) is checked decompressed. Reads the whole file
+    once per process (remembered by size, mtime and encoding)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, encoding)
+    if key in _CHECKED:
+        return
+    if st.st_size == 0:
+        raise DataFileError(path, split, "is empty (0 bytes)", "a file with text in it")
+    if file_kind(path) == ".parquet":
+        _check_parquet(path, split)
+    else:
+        head = _check_text(path, split, encoding)
+        _check_table_head(path, split, head)
+    _CHECKED.add(key)
+
+
+def _check_parquet(path: Path, split: str) -> None:
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+    except (ValueError, OSError) as exc:
+        raise DataFileError(path, split, f"is not a readable parquet file ({_first_line(exc)})",
+                            "a parquet table with a string column named 'text'") from None
+    if "text" not in names:
+        raise DataFileError(path, split, f"has no 'text' column (its columns: {', '.join(names) or 'none'})",
+                            "a parquet table with a string column named 'text'")
+
+
+def _opener(path: Path):
+    """The opener ``datasets`` would read ``path`` with: a decompressor when its first bytes say so, else open."""
+    with open(path, "rb") as fh:
+        magic = fh.read(8)
+    return next((o for m, o in COMPRESSIONS.values() if magic.startswith(m)), open), magic
+
+
+def _check_text(path: Path, split: str, encoding: str) -> str:
+    """Decode the whole file (decompressed) with ``encoding``; return its first HEAD_CHARS characters."""
+    opener, _ = _opener(path)
+    where = "" if opener is open else " of the decompressed text"
+    wide = codecs.lookup(encoding).name.startswith(("utf-16", "utf-32"))  # NUL bytes are normal there
+    dec = codecs.getincrementaldecoder(encoding)("strict")
+    allowed = f"{encoding} text, or encoding=<the file's encoding> (e.g. latin-1, cp1252, utf-16)"
+    offset = lines = 0
+    head, has_text = "", False
+    try:
+        with opener(path, "rb") as fh:
+            while True:
+                chunk = fh.read(CHUNK)
+                z = -1 if wide else chunk.find(b"\0")
+                if z >= 0:
+                    raise DataFileError(path, split, f"is not text: a NUL byte at byte offset {offset + z}{where} "
+                                        "(binary data)", FILE_KINDS)
+                try:
+                    text = dec.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as exc:
+                    pending = len(exc.object) - len(chunk)  # bytes the decoder kept from the previous chunk
+                    at = offset - pending + exc.start
+                    line = lines + exc.object[:exc.start].count(b"\n") + 1
+                    raise DataFileError(path, split, f"is not valid {encoding}: byte 0x{exc.object[exc.start]:02x} "
+                                        f"at byte offset {at} (line {line}){where} ({exc.reason})", allowed) from None
+                if len(head) < HEAD_CHARS:
+                    head += text[:HEAD_CHARS - len(head)]
+                has_text = has_text or bool(text.strip())
+                if not chunk:
+                    break
+                offset += len(chunk)
+                lines += chunk.count(b"\n")
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+        raise DataFileError(path, split, f"cannot be read or decompressed ({_first_line(exc)})", FILE_KINDS) from None
+    if not has_text:
+        raise DataFileError(path, split, "has no text (whitespace only)" if offset else "is empty after decompression",
+                            "a file with text in it")
+    return head
+
+
+def _check_table_head(path: Path, split: str, head: str) -> None:
+    """jsonl/json: the first record has a 'text' field; csv: the header names a 'text' column."""
+    kind = file_kind(path)
+    body = head.lstrip("\ufeff \t\r\n")
+    if kind == ".csv":
+        header = next(csv.reader([body.splitlines()[0]]), [])
+        if "text" not in [h.strip() for h in header]:
+            raise DataFileError(path, split, f"has no 'text' column (its header: {', '.join(header)})",
+                                "a csv table whose header names a 'text' column")
+    elif kind in (".jsonl", ".json"):
+        allowed = "JSON lines (or a JSON list) of objects with a 'text' field"
+        try:
+            if body.startswith("["):
+                first, _ = json.JSONDecoder().raw_decode(body[1:].lstrip())
+            elif body.startswith("{"):
+                first = json.loads(body.splitlines()[0])
+            else:
+                what = "JSON lines" if kind == ".jsonl" else "JSON"
+                raise DataFileError(path, split, f"is not {what} (it starts with {body[:12]!r})", allowed)
+        except json.JSONDecodeError as exc:
+            if kind == ".jsonl":
+                raise DataFileError(path, split, f"is not JSON lines: its first line is not a JSON object ({exc.msg})",
+                                    allowed) from None
+            return  # a .json object over several lines (or a first record past the head): datasets decides
+        if not isinstance(first, dict) or "text" not in first:
+            fields = ", ".join(map(str, first)) if isinstance(first, dict) else type(first).__name__
+            raise DataFileError(path, split, f"has no 'text' field (its first record: {fields})", allowed)
+
+
+def _first_line(exc: BaseException) -> str:
+    while exc.__cause__ is not None or exc.__context__ is not None:  # the innermost cause says what was wrong
+        exc = exc.__cause__ or exc.__context__
+    text = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _builder(files: list[Path]) -> str:
-    ext = {p.suffix for p in files}
+    ext = {file_kind(p) for p in files}
     if ext <= {".parquet"}:
         return "parquet"
     if ext <= {".jsonl", ".json"}:
         return "json"
+    if ext <= {".csv"}:
+        return "csv"
     return "text"
 
 
@@ -176,6 +321,8 @@ class TextSource:
     split: str
     content_id: str
     docs: Iterator[str]
+    streamed: bool = False
+    """Read only as far as a budget needs (its content_id names the budget); else the whole split is cached."""
 
 
 def open_split(cfg: DataConfig, split: str, max_tokens: int | None = None) -> TextSource:
@@ -195,11 +342,19 @@ def open_split(cfg: DataConfig, split: str, max_tokens: int | None = None) -> Te
                 h.update(p.read_bytes())
             except OSError as exc:
                 raise ConfigError("dataset", str(p), f"a readable file ({exc.strerror})") from None
+            check_file(p, split, cfg.encoding)
         builder = _builder(files[split])
-        ds = datasets.load_dataset(builder, data_files={split: [str(p) for p in files[split]]}, split=split)
-        if "text" not in ds.column_names:
-            raise ConfigError("dataset", cfg.dataset, "files with a 'text' column")
-        rows = (r["text"] for r in ds)
+        shown = ", ".join(map(str, files[split]))
+        kw = {"encoding": cfg.encoding} if builder != "parquet" and cfg.encoding != "utf-8" else {}
+        try:
+            ds = datasets.load_dataset(builder, data_files={split: [str(p) for p in files[split]]}, split=split, **kw)
+        except (datasets.exceptions.DatasetsError, ValueError) as exc:  # ValueError: schema, arrow and decode errors
+            raise DataFileError(shown, split, f"cannot be read by datasets' {builder} reader ({_first_line(exc)})",
+                                FILE_KINDS) from None
+        if "text" not in ds.column_names or getattr(ds.features["text"], "dtype", "") not in ("string", "large_string"):
+            raise DataFileError(shown, split, f"has no string 'text' column (columns: {', '.join(ds.column_names)})",
+                                "files with a 'text' column of strings")
+        rows = (r["text"] or "" for r in ds)
         docs = _documents_from_lines(r.rstrip("\n") for r in rows) if builder == "text" else rows
         name = "local-" + "-".join(sorted({p.parent.name for p in files[split]}))[:40]
         return TextSource(name, split, h.hexdigest()[:16], docs)
@@ -215,7 +370,7 @@ def open_split(cfg: DataConfig, split: str, max_tokens: int | None = None) -> Te
         else:
             it = (d for i, d in enumerate(it) if i < OPENWEBTEXT_VAL_DOCS)
         budget = f"{split}-{_round_pow2(max_tokens or 0)}"
-        return TextSource(cfg.dataset, split, budget, it)
+        return TextSource(cfg.dataset, split, budget, it, streamed=True)
     ds = datasets.load_dataset(path, conf, split=split)
     return TextSource(cfg.dataset, split, ds._fingerprint[:16], _documents_from_lines(r["text"].rstrip("\n") for r in ds))
 
@@ -258,6 +413,8 @@ def load_tokens(cfg: DataConfig, split: str, max_tokens: int | None = None) -> T
     """Token ids of a split, from the cache when present, else tokenized in batches and cached."""
     src = open_split(cfg, split, max_tokens)
     key = f"{src.name}|{split}|{cfg.tokenizer}|{cfg.vocab_size}|{src.content_id}"
+    if cfg.encoding != "utf-8":  # the same bytes decode to other text
+        key += f"|{cfg.encoding}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     stem = f"{src.name}-{split}-{cfg.tokenizer}{cfg.vocab_size}-{digest}"
     root = cache_root(cfg)
@@ -286,7 +443,7 @@ def load_tokens(cfg: DataConfig, split: str, max_tokens: int | None = None) -> T
         batch.append(doc)
         if len(batch) >= 256:
             flush()
-            if max_tokens and n_tokens >= max_tokens:
+            if src.streamed and max_tokens and n_tokens >= max_tokens:  # else the cache holds the whole split
                 break
     if batch:
         flush()
@@ -296,13 +453,30 @@ def load_tokens(cfg: DataConfig, split: str, max_tokens: int | None = None) -> T
     # atomic, and safe when several processes (search workers) tokenize the same split at once: each writes
     # its own temporary files and renames them; a killed run never leaves half a cache, a reader never sees one
     tmp = root / f"{stem}.{os.getpid()}.tmp"
-    np.concatenate(chunks).tofile(tmp)
-    os.replace(tmp, bin_path)
-    meta = {"n_tokens": n_tokens, "n_bytes": n_bytes, "n_docs": n_docs, "key": key}
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, meta_path)  # the meta last: a reader that finds it finds the whole .bin
+    try:
+        np.concatenate(chunks).tofile(tmp)
+        os.replace(tmp, bin_path)
+        meta = {"n_tokens": n_tokens, "n_bytes": n_bytes, "n_docs": n_docs, "key": key}
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, meta_path)  # the meta last: a reader that finds it finds the whole .bin
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves no stray temporary file
     ids = np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(n_tokens,))
     return TokenSplit(ids, n_bytes, n_docs, bin_path, src.content_id)
+
+
+def check_length(cfg: DataConfig, block_size: int) -> None:
+    """Fail before any run exists when a local split holds fewer than block_size+2 tokens (one training window
+    and its shifted target); tokenizes both splits into the cache the run then reads."""
+    if not is_local(cfg.dataset):
+        return
+    for param, split in (("train_split", cfg.train_split), ("val_split", cfg.val_split)):
+        n = len(load_tokens(cfg, split).ids)
+        if n < block_size + 2:
+            shown = ", ".join(map(str, local_files(cfg.dataset)[split]))
+            raise DataFileError(shown, split, f"holds {n} tokens at vocab_size {cfg.vocab_size}, fewer than "
+                                f"block_size+2 = {block_size + 2}", f"more text for {param}={split}, or a smaller "
+                                "block_size")
 
 
 def unigram_entropy(ids: np.ndarray, n_vocab: int) -> float:

@@ -39,3 +39,12 @@ class TrackingUnavailable(RuntimeError):
 
 class WorkersDied(RuntimeError):
     """Search worker processes died and left their study incomplete."""
+
+
+class DataFileError(ConfigError):
+    """A local data file that cannot serve its split (empty, binary, undecodable, no 'text' column, too short):
+    the message names the file as given, the split and what is allowed."""
+
+    def __init__(self, path: Any, split: str, problem: str, allowed: str):
+        self.param = "dataset"
+        ValueError.__init__(self, f"parameter 'dataset': file '{path}' (split '{split}') {problem}; allowed: {allowed}")

@@ -6,6 +6,7 @@ search stores one (for demos, tests and benchmarks). Runs are selected by tags, 
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,7 +166,16 @@ def load_csv(path: str | Path, columns: str = "", rtol: float = 0.05) -> RunTabl
     if not p.is_file():
         raise ConfigError("csv", str(path), "an existing CSV file")
     raw = p.read_bytes()
-    df = pd.read_csv(p)
+    need = "a CSV with a header line (params, loss, tokens or flops, ...) and one row per run"
+    if not raw.strip():
+        raise ConfigError("csv", str(path), f"{need} (the file is empty)")
+    try:
+        df = pd.read_csv(io.BytesIO(raw))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        why = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise ConfigError("csv", str(path), f"{need} ({type(exc).__name__}: {why})") from None
+    if df.empty:
+        raise ConfigError("csv", str(path), f"{need} (it has the header only: {', '.join(map(str, df.columns))})")
     mapping = parse_columns(columns)
     for k in CSV_KEYS:  # default: a column named like the key
         if k not in mapping and k in df.columns:
