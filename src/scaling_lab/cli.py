@@ -241,6 +241,7 @@ def main_train(argv: list[str]) -> int:
         return code
     if cfg.dry_run:
         return dry_run_train(cfg, launched)
+    cfg.run_name = run_name(cfg)  # logged as the run_name param: the value used, never ''
     rank, world = dist_setup(cfg.train.device)  # torchrun: one process per rank; only rank 0 talks to MLflow
     # calibrated throughput (cached per device+shape) -> predicted wall time; single-process runs only
     est = estimate.estimate_or_none(cfg) if world == 1 else None
@@ -252,7 +253,7 @@ def main_train(argv: list[str]) -> int:
             log = NullLogger(run_id=f"rank{rank}")  # named: an Interrupted on this rank reports log.run_id too
             train(cfg, log, progress=False)
             return 0
-        with tracking.run(cfg.experiment, run_name(cfg), run_id=run_id, tags={"scaling_lab.kind": "train"}) as log:
+        with tracking.run(cfg.experiment, cfg.run_name, run_id=run_id, tags={"scaling_lab.kind": "train"}) as log:
             if world > 1:
                 log.set_tags({"world_size": world})
             result = train(cfg, log)

@@ -253,7 +253,7 @@ def setup(cfg: RunConfig, log: Logger) -> Session:
     if tc.resume:
         _resume(s, log)
     else:
-        log.log_params({f"resolved.{k}": v for k, v in cfg.flat().items()} | plan.params()
+        log.log_params(cfg.flat() | {"cache_dir": str(data.cache_root(cfg.data))} | plan.params()
                        | {"n_vocab": m.n_vocab, "micro_batch_used": micro, "grad_accum": accum,
                           "epochs": round(s.epochs, 4), "train_split_tokens": len(train_tokens.ids),
                           "device_used": str(device), "dtype_used": str(dtype).replace("torch.", ""),
