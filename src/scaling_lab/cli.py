@@ -27,7 +27,7 @@ from scaling_lab.errors import (
     WorkersDied,
 )
 from scaling_lab.runtime import dist_setup, dist_teardown, pick_device
-from scaling_lab.train import NullLogger, resume_config, train
+from scaling_lab.train import NullLogger, checkpoint_file, resume_config, train
 
 USER_ERRORS = (ConfigError, DataUnavailable)
 
@@ -211,7 +211,10 @@ def _train_config(argv: list[str], launched: str | None = None) -> config.RunCon
                               f"('{where}'): pass --experiment-name {args['experiment'].strip()} to mlflow run "
                               "instead of -P experiment")
     if args.get("resume"):
-        cfg = resume_config(args["resume"], args.get("checkpoint_dir") or config.TrainConfig.checkpoint_dir)
+        where = args.get("checkpoint_dir") or config.TrainConfig.checkpoint_dir
+        if not checkpoint_file(where, args["resume"]).exists():  # another machine: the copy in the run's artifacts
+            tracking.fetch_checkpoint(args["resume"], checkpoint_file(where, args["resume"]))
+        cfg = resume_config(args["resume"], where)
         cfg.dry_run = config.parse_value("dry_run", args.get("dry_run") or "false")  # not stored in checkpoints
     else:
         cfg = config.resolve(args)

@@ -14,8 +14,10 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -162,6 +164,7 @@ class RunLogger:
         self._last_flush = time.monotonic()
         self._stored = self._stored_last_steps()  # {key: last stored step} of a continued training run
         self._latest: dict[str, int] = {}  # {key: step} last buffered in this process (drops exact repeats)
+        self._sent: dict[str, Metric] = {}  # {key: its last Metric} (log_model links the final ones)
         self.last_step = self._stored.get("train/loss", 0)
         self.flush_seconds_total = 0.0  # wall time spent writing metrics (for the overhead figure)
         self.flush_failures = 0
@@ -215,6 +218,7 @@ class RunLogger:
             self._latest[k] = step
             v = float(v)
             self._buffer.append(Metric(k, v if math.isfinite(v) else float("nan"), ts, step))
+            self._sent[k] = self._buffer[-1]
 
     def unsent(self) -> list[tuple[int, str, float]]:
         """(step, key, value) of the metrics not yet written (checkpoints keep them; resume sends them)."""
@@ -255,7 +259,26 @@ class RunLogger:
         self.flush_seconds_total += time.monotonic() - t0
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        with _single_http_attempt(300):  # a server that is away fails this upload, it does not stall for minutes
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_model(self, model: Any, name: str, metrics: tuple[str, ...] = ()) -> str:
+        """``mlflow.pytorch.log_model``: an MLflow LoggedModel of this (active) run, loadable with
+        ``mlflow.pytorch.load_model(f"models:/{model_id}")`` (the package's code travels with it), linked to the
+        last values of ``metrics`` this logger wrote. Returns the model id."""
+        import mlflow.pytorch
+
+        active = mlflow.active_run()
+        if active is None or active.info.run_id != self.run_id:
+            raise RuntimeError(f"log_model needs run {self.run_id} active in this thread (tracking.run)")
+        info = mlflow.pytorch.log_model(model, name=name, serialization_format="pickle",  # the module, forward(x, y)
+                                        pip_requirements=[f"torch=={version('torch')}"],
+                                        code_paths=[str(Path(scaling_lab.__file__).parent)])
+        linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=info.model_id)
+                  for k in metrics if (m := self._sent.get(k)) is not None]
+        if linked:  # the same values again, now naming the model: the store keeps one copy in the run's history
+            self.client.log_batch(self.run_id, metrics=linked, synchronous=True)
+        return info.model_id
 
     def log_dataset(self, name: str, source: dict[str, str], digest: str, context: str) -> None:
         """A dataset input of the run (the UI's Dataset column): ``source`` from data.dataset_source, ``digest``
@@ -457,6 +480,26 @@ def _delete_when_gone(run_id: str, pid: str, uri: str, timeout_s: float = 3600) 
     MlflowClient(uri).delete_run(run_id)
 
 
+def fetch_checkpoint(run_id: str, path: Path, artifact: str = "checkpoint/last.pt") -> bool:
+    """``resume`` on a machine without the local checkpoint: download the run's ``checkpoint/last.pt`` artifact to
+    ``path`` (atomically). False when the store or the run has none (a missing SQLite file is not created)."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:") and not Path(uri.split(":///", 1)[-1]).exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        open_store(uri)
+        with _single_http_attempt(300), tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            os.replace(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=tmp,
+                                                           tracking_uri=uri), path)
+    except Exception:  # no such run or artifact, unreachable store: the caller names the missing checkpoint
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()  # only when empty
+        return False
+    print(f"resume: checkpoint of run {run_id} downloaded from the tracking store to {path}", file=sys.stderr)
+    return True
+
+
 def fail_run(run_id: str, reason: str) -> None:
     """Mark a run FAILED with the reason (bad input found after ``mlflow run`` created the run)."""
     client = MlflowClient()
@@ -599,8 +642,6 @@ def end_pruned_run(run_id: str, reason: str) -> None:
 def finish_invocation_run(run_id: str, table: str, study_runs: dict[str, str]) -> None:
     """The run ``mlflow run -e search`` created: tag it kind=search with its studies' parent runs, attach the
     closing table, end FINISHED."""
-    import tempfile
-
     client = MlflowClient()
     tags = [RunTag("scaling_lab.kind", "search"), RunTag("study_runs", ",".join(study_runs.values())[:PARAM_VALUE_LIMIT]),
             RunTag("studies", ",".join(study_runs)[:PARAM_VALUE_LIMIT])]
