@@ -1,13 +1,16 @@
 """The `main` entry point: parameters in step with the config, bad inputs, and `mlflow run` end to end."""
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from servers import free_port
 
 from scaling_lab import config, isoflop, projectspec, tracking
 from scaling_lab.cli import main_train
@@ -179,3 +182,48 @@ def test_mlflow_run_logs_explicit_zeros_as_zero(tiny, store):
     (run,) = _runs(store)
     for name in ZEROS:
         assert float(run.data.params[name]) == 0.0, (name, run.data.params[name])
+
+
+def _main_py(tiny: dict, cwd: Path, uri: str, extra: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT / "src")}
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "mlproject" / "main.py"), *_args({**tiny, **(extra or {})})],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return proc, time.monotonic() - t0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["closed port", "silent server", "malformed"])
+def test_unusable_tracking_store_fails_at_once_naming_the_variable(kind, tiny, tmp_path):
+    """A store MLflow cannot parse, or a server that refuses or never answers: one line naming
+    MLFLOW_TRACKING_URI, exit 2, well within 60 s, before anything is trained (no checkpoint written)."""
+    with socket.socket() as silent:
+        if kind == "silent server":  # accepts connections (the kernel's backlog) and never answers
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(8)
+            uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        else:
+            uri = f"http://127.0.0.1:{free_port()}" if kind == "closed port" else "htp:/nowhere::"
+        proc, took = _main_py(tiny, tmp_path, uri, {"checkpoint_dir": str(tmp_path / "ck")})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "MLFLOW_TRACKING_URI" in lines[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and took < 60
+    assert f"within {tracking.STORE_CHECK_S} s" in lines[0]
+    assert not (tmp_path / "ck").exists() and not list(tmp_path.glob("*.db"))
+
+
+@pytest.mark.slow
+def test_two_first_runs_on_a_fresh_sqlite_store_both_finish(tiny, tmp_path):
+    """Both processes open the store that does not exist yet at the same moment: it is created once, under a lock."""
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    (tmp_path / "fresh").mkdir()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT / "src"),
+           "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
+    cmd = [sys.executable, str(ROOT / "mlproject" / "main.py"), *_args({**tiny, "tokens": "8192"})]
+    procs = [subprocess.Popen([*cmd, "--checkpoint_dir", str(tmp_path / f"ck{i}")], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    runs = _runs(tmp_path / "fresh")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]

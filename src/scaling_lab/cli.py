@@ -202,6 +202,7 @@ def _train_config(argv: list[str], launched: str | None = None) -> config.RunCon
     that one, a different one is refused (the run cannot move, and an empty experiment would be left behind)."""
     args = parse(argv, config.field_names(), SUMMARIES["train"], (config.RunConfig,),
                  config.MODES["quick"])
+    tracking.require_store()  # a bad URI or a silent server: one line now, not minutes of MLflow's retries
     if launched and not args.get("resume"):
         where = tracking.run_experiment(launched)
         if config.is_unset(args.get("experiment")):
@@ -234,6 +235,21 @@ def dry_run_train(cfg: config.RunConfig, launched: str | None) -> int:
         print(f"  warning     dataset '{cfg.data.dataset}' needs the Hugging Face hub, which cannot be reached: "
               f"{data.OFFLINE_HINT} (check everything with the doctor entry point)")
     return 0
+
+
+def _store_lost(log: tracking.RunLogger, cfg: config.RunConfig) -> int:
+    """Exit 75 with what really became of the metrics once tracking.run had retried: all written, or how many
+    wait in the checkpoint."""
+    uri, rid = tracking.masked(tracking.tracking_uri()), log.run_id
+    if log.pending:
+        error(f"tracking store {uri} did not answer: {log.pending} metric values of run {rid} are not written; "
+              f"they are kept in the checkpoint under {cfg.train.checkpoint_dir}: run again with resume={rid} when "
+              "the store answers to send them and finish the run")
+    else:
+        error(f"tracking store {uri} did not answer at the end of training; a retry then wrote every metric value "
+              f"of run {rid}, but its final artifacts were not logged: run again with resume={rid} to add them and "
+              "finish the run")
+    return 75  # EX_TEMPFAIL
 
 
 def main_train(argv: list[str]) -> int:
@@ -269,12 +285,12 @@ def main_train(argv: list[str]) -> int:
     except Interrupted as exc:
         error(f"interrupted: {exc}; continue with resume={log.run_id}")
         return 130
-    except TrackingUnavailable as exc:
-        error(f"{exc}; they are kept in the checkpoint under {cfg.train.checkpoint_dir}: run again with "
-              f"resume={log.run_id} when the store answers to send them and finish the run")
-        return 75  # EX_TEMPFAIL
+    except TrackingUnavailable:
+        return _store_lost(log, cfg)
     finally:
         dist_teardown()
+    if log.pending:  # written nowhere but the checkpoint: the run is FAILED, whatever train() returned
+        return _store_lost(log, cfg)
     overhead = 100 * result.log_seconds / result.wall_s if result.wall_s else 0.0
     print(f"run {result.run_id} FINISHED: val/loss {result.val_loss:.4f} ({result.val_bpb:.4f} bits/byte) after "
           f"{result.steps} steps, {result.tokens_trained:,} tokens in {result.wall_s:.1f} s "
@@ -291,6 +307,7 @@ def _search_config(argv: list[str]) -> isoflop.SearchConfig:
     args = parse(argv, isoflop.SEARCH_FIELDS, SUMMARIES["search"], (isoflop.SearchConfig,),
                  isoflop.SEARCH_MODES["quick"])
     scfg = isoflop.resolve_search(args)
+    tracking.require_store()
     for c in scfg.budget_list():
         isoflop.plan_budget(scfg, c)
     data.validate_source(scfg.data)
@@ -350,6 +367,8 @@ def main_analyze(argv: list[str]) -> int:
 
     def fit() -> tuple:
         cfg = analyze.parse_config(parse(argv, analyze.field_names(), SUMMARIES["analyze"], (analyze.AnalyzeConfig,)))
+        if cfg.log or cfg.source == "mlflow":
+            tracking.require_store()
         study = analyze.load(cfg)
         return cfg, study, *analyze.analyze_study(study, cfg)
 
@@ -407,6 +426,7 @@ def main_doctor(argv: list[str]) -> int:
 def _tune_config(argv: list[str]) -> tuning.TuneConfig:
     args = parse(argv, tuning.TUNE_FIELDS, SUMMARIES["tune"], (tuning.TuneConfig,), tuning.TUNE_MODES["quick"])
     tcfg = tuning.resolve_tune(args)
+    tracking.require_store()
     tuning.plan_cells(tcfg)  # a budget too small for a size fails here, before any run exists
     data.validate_source(tcfg.data)
     return tcfg

@@ -653,8 +653,23 @@ def finish_invocation_run(run_id: str, table: str, study_runs: dict[str, str]) -
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
-def check_store(experiment: str = "", uri: str | None = None, timeout_s: int = 5) -> tuple[bool, str]:
+STORE_CHECK_S = 10  # require_store: one request, no retries, at most this long (README "Tracking store")
+
+
+def require_store(timeout_s: int = STORE_CHECK_S) -> None:
+    """Before any training: the store MLFLOW_TRACKING_URI names must be one MLflow can parse and must answer one
+    request within ``timeout_s`` (MLflow's own retries would wait minutes). Raises ConfigError naming it."""
+    uri = tracking_uri()
+    ok, detail = check_store(uri=uri, timeout_s=timeout_s, write=False)
+    if not ok:
+        raise ConfigError("MLFLOW_TRACKING_URI", masked(uri), f"a tracking store MLflow can open that answers "
+                          f"within {timeout_s} s (this one: {detail.split(': ', 1)[-1]})")
+
+
+def check_store(experiment: str = "", uri: str | None = None, timeout_s: int = 5,
+                write: bool = True) -> tuple[bool, str]:
     """Doctor check: does the tracking store answer, and does it accept a write? Returns (ok, detail).
+    ``write=False``: only open it (an existing writable SQLite file is not even opened) and read once.
 
     SQLite: a missing file is fine when its folder is writable (it is created on first use); an existing
     one is read and gets an experiment tag ``scaling_lab.doctor`` (the write test). Servers: the same read
@@ -670,9 +685,14 @@ def check_store(experiment: str = "", uri: str | None = None, timeout_s: int = 5
             return True, f"{uri} (not created yet; folder {folder} is writable)"
         if not os.access(path, os.W_OK):
             return False, f"{uri}: file is not writable"
+        if not write:
+            return True, f"{uri} (writable)"
     try:
         with _one_http_attempt_env(timeout_s):
             client = MlflowClient(uri)
+            if not write:
+                client.search_experiments(max_results=1)
+                return True, f"{masked(uri)} (answers)"
             exp = client.get_experiment_by_name(experiment) if experiment else None
             exps = [exp] if exp is not None else client.search_experiments(max_results=1)
             if not exps:
