@@ -313,14 +313,9 @@ def _one_http_attempt_env(timeout_s: int):
                 os.environ[k] = v
 
 
-@contextlib.contextmanager
-def _single_http_attempt(timeout_s: int = 30):
+def _single_http_attempt(timeout_s: int = 30) -> contextlib.AbstractContextManager:
     """MLflow HTTP requests in this block: one attempt, ``timeout_s`` at most (only for an http:// store)."""
-    if not tracking_uri().startswith("http"):
-        yield
-        return
-    with _one_http_attempt_env(timeout_s):
-        yield
+    return _one_http_attempt_env(timeout_s) if tracking_uri().startswith("http") else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -395,18 +390,10 @@ def _start(client: MlflowClient, exp_id: str, run_name: str, run_id: str | None,
     if run_id is None and active is not None and active.info.run_id != parent_run_id:
         parent = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
         run_id = client.create_run(exp_id, tags=resolve_tags({**tags, **parent}), run_name=run_name or None).info.run_id
-    try:
-        if run_id is None:
-            started = mlflow.start_run(experiment_id=exp_id, parent_run_id=parent_run_id, **kw)
-        else:
-            started = mlflow.start_run(run_id=run_id, **kw)
-    except mlflow.exceptions.MlflowException as exc:
-        if "psutil" not in str(exc):
-            raise
-        print(f"system metrics off: {exc}", file=sys.stderr)
-        kw["log_system_metrics"] = False
-        started = mlflow.start_run(run_id=run_id, **kw) if run_id else mlflow.start_run(
-            experiment_id=exp_id, parent_run_id=parent_run_id, **kw)
+    if run_id is None:
+        started = mlflow.start_run(experiment_id=exp_id, parent_run_id=parent_run_id, **kw)
+    else:
+        started = mlflow.start_run(run_id=run_id, **kw)
     if "mlflow.source.git.commit" not in started.data.tags and (commit := git_commit()) != "unknown":
         client.set_tag(started.info.run_id, "mlflow.source.git.commit", commit)  # console script, tests
     return started.info.run_id
