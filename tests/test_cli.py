@@ -113,7 +113,7 @@ OWNERS = (config.RunConfig,)
     (["--mode", "tiny", "--dry_run", "--save_checkpoint"], {"mode": "tiny", "dry_run": "true",
                                                             "save_checkpoint": "true"}),
     (["--dry_run", "false", "--seed", "0"], {"dry_run": "false", "seed": "0"}),  # MLproject's --dry_run {dry_run}
-    (["--dry_run", "", "--save_checkpoint", ""], {"dry_run": "", "save_checkpoint": ""}),  # MLproject's unset
+    (["--dry_run", "", "--save_checkpoint", ""], {"dry_run": "", "save_checkpoint": ""}),  # empty = unset
     (["--dry_run=yes"], {"dry_run": "yes"}),
     (["--flops", "-1e12", "--dry_run"], {"flops": "-1e12", "dry_run": "true"}),  # negative values stay paired
     (["--save_checkpoint", "-1"], {"save_checkpoint": "-1"}),
@@ -179,3 +179,32 @@ def test_csv_with_a_conflicting_source_is_one_error_naming_source(small_csv, sto
     assert code == 2 and len(err) == 1 and "parameter 'source'" in err[0], err
     assert analyze.parse_config({"csv": str(small_csv), "source": "csv"}).source == "csv"
 
+
+
+# --------------------------------------------------------------------------- MLproject: declared and extra -P
+
+
+def test_mlflow_run_command_line_reaches_the_one_parser_with_extras(tmp_path):
+    """What `mlflow run -P ...` executes: declared parameters (defaults filled in) then undeclared ones appended as
+    --name value; the entry point's parser takes both, and the resolved config uses them."""
+    import shlex
+    import subprocess
+    import sys
+
+    from mlflow.projects._project_spec import load_project
+
+    entry = load_project(str(ROOT)).get_entry_point("main")
+    command = entry.compute_command({"mode": "tiny", "n_embd": "48", "n_head": "3", "run_name": "my run"}, str(tmp_path))
+    argv = shlex.split(command)[argv_start(shlex.split(command)):]
+    args = cli.parse(argv, config.field_names(), "", (config.RunConfig,))
+    assert args["n_embd"] == "48" and args["run_name"] == "my run" and args["seed"] == "1337"
+    cfg = config.resolve(args)
+    assert (cfg.model.n_embd, cfg.model.n_head, cfg.train.grad_clip, cfg.mode) == (48, 3, 1.0, "tiny")
+    gen = subprocess.run([sys.executable, str(ROOT / "tools" / "gen_mlproject.py"), "--check"], capture_output=True,
+                         env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""}, text=True)
+    assert gen.returncode == 0, gen.stderr  # MLproject is what the generator writes
+
+
+def argv_start(tokens: list[str]) -> int:
+    """Index of the first flag after `python mlproject/main.py` in a shell-split command."""
+    return tokens.index("mlproject/main.py") + 1

@@ -1,15 +1,18 @@
 """The `main` entry point: parameters in step with the config, bad inputs, and `mlflow run` end to end."""
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from servers import free_port
 
-from scaling_lab import config
+from scaling_lab import config, isoflop, projectspec, tracking
 from scaling_lab.cli import main_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,13 +29,47 @@ def _runs(store_dir: Path):
     return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
 
 
-def test_mlproject_main_parameters_match_config_and_cli():
+def test_mlproject_is_generated_from_the_dataclasses():
+    """MLproject = projectspec's text (tools/gen_mlproject.py writes it); MLflow reads it as we mean it."""
+    from mlflow.projects._project_spec import load_project
+
+    assert (ROOT / "MLproject").read_text() == projectspec.mlproject_text(), "run: python tools/gen_mlproject.py"
     spec = yaml.safe_load((ROOT / "MLproject").read_text())
-    main = spec["entry_points"]["main"]
-    assert list(main["parameters"]) == config.field_names()
-    for name in config.field_names():
-        assert f"--{name} {{{name}}}" in main["command"]
     assert spec["python_env"] == "python_env.yaml" and (ROOT / "python_env.yaml").exists()
+    project = load_project(str(ROOT))
+    for entry, ep in projectspec.ENTRY_POINTS.items():
+        declared = spec["entry_points"][entry]["parameters"]
+        assert set(declared) <= set(ep.names)
+        for name, p in declared.items():
+            assert p["type"] in ("string", "int", "float", "path") and p["default"] not in ("", None), (entry, name)
+            assert f"--{name} {{{name}}}" in spec["entry_points"][entry]["command"]
+        # mlflow run logs what it substitutes: never '' for a declared parameter
+        params, extra = project.get_entry_point(entry).compute_parameters({}, storage_dir=None)
+        assert extra == {} and "" not in params.values() and "''" not in params.values()
+
+
+def test_declared_parameters_are_exactly_the_mode_independent_fields():
+    main = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["main"]["parameters"]
+    defaults = config.field_defaults(config.RunConfig)
+    for name in config.field_names():
+        varies = any(name in preset and preset[name] != defaults[name] for preset in config.MODES.values())
+        automatic = defaults[name] == ""
+        assert (name in main) == (not varies and not automatic and name not in ("experiment", "flops")), name
+    assert {"n_embd", "tokens", "lr", "dataset", "resume", "run_name", "cache_dir"}.isdisjoint(main)
+    assert main["seed"] == {"type": "int", "default": 1337} and main["grad_clip"] == {"type": "float", "default": 1.0}
+    search = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["search"]
+    assert set(search["parameters"]) == set(projectspec.parameters("search")) <= set(isoflop.SEARCH_FIELDS)
+    assert "budgets" not in search["parameters"] and search["parameters"]["storage"]["default"] == "sqlite:///optuna.db"
+    analyze = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["analyze"]["parameters"]
+    assert "source" not in analyze and "csv" not in analyze  # csv= alone selects CSV input
+
+
+def test_param_values_that_mean_the_same_are_not_logged_twice():
+    assert tracking.same_param("2e6", "2000000") and tracking.same_param("1", "1.0")
+    assert tracking.same_param("'/a b'", "/a b") and tracking.same_param("false", "false")
+    assert tracking.same_param("0", "false") and not tracking.same_param("0.1", "0.2")
+    assert not tracking.same_param("quick", "tiny")
+    assert tracking.param_text(True) == "true" and tracking.param_text(None) == ""
 
 
 BAD = [
@@ -92,8 +129,12 @@ def test_mlflow_run_tiny_end_to_end(tiny, store):
     client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
     assert steps == list(range(1, int(run.data.params["steps"]) + 1))
-    assert run.data.params["mode"] == "tiny" and run.data.params["n_embd"] in ("", "''")  # as passed (mlflow logs the shell-quoted empty default)
-    assert run.data.params["resolved.n_embd"] == "32"  # as used
+    params = run.data.params
+    assert params["mode"] == "tiny" and params["n_embd"] == "32"  # the value used, once, under the field name
+    assert "" not in params.values() and "''" not in params.values(), {k: v for k, v in params.items() if v in ("", "''")}
+    assert not [k for k in params if k.startswith("resolved.")]
+    assert params["seed"] == "1337" and params["dataset"] == tiny["dataset"] and params["run_name"] == run.info.run_name
+    assert len(run.data.tags["mlflow.source.git.commit"]) == 40  # mlflow run's source tags
     assert run.data.tags["mlflow.project.entryPoint"] == "main"
     assert run.data.tags["scaling_lab.kind"] == "train"
     exp = client.get_experiment(run.info.experiment_id)
@@ -140,4 +181,49 @@ def test_mlflow_run_logs_explicit_zeros_as_zero(tiny, store):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = _runs(store)
     for name in ZEROS:
-        assert float(run.data.params[f"resolved.{name}"]) == 0.0, (name, run.data.params[f"resolved.{name}"])
+        assert float(run.data.params[name]) == 0.0, (name, run.data.params[name])
+
+
+def _main_py(tiny: dict, cwd: Path, uri: str, extra: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT / "src")}
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "mlproject" / "main.py"), *_args({**tiny, **(extra or {})})],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return proc, time.monotonic() - t0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["closed port", "silent server", "malformed"])
+def test_unusable_tracking_store_fails_at_once_naming_the_variable(kind, tiny, tmp_path):
+    """A store MLflow cannot parse, or a server that refuses or never answers: one line naming
+    MLFLOW_TRACKING_URI, exit 2, well within 60 s, before anything is trained (no checkpoint written)."""
+    with socket.socket() as silent:
+        if kind == "silent server":  # accepts connections (the kernel's backlog) and never answers
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(8)
+            uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        else:
+            uri = f"http://127.0.0.1:{free_port()}" if kind == "closed port" else "htp:/nowhere::"
+        proc, took = _main_py(tiny, tmp_path, uri, {"checkpoint_dir": str(tmp_path / "ck")})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "MLFLOW_TRACKING_URI" in lines[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and took < 60
+    assert f"within {tracking.STORE_CHECK_S} s" in lines[0]
+    assert not (tmp_path / "ck").exists() and not list(tmp_path.glob("*.db"))
+
+
+@pytest.mark.slow
+def test_two_first_runs_on_a_fresh_sqlite_store_both_finish(tiny, tmp_path):
+    """Both processes open the store that does not exist yet at the same moment: it is created once, under a lock."""
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    (tmp_path / "fresh").mkdir()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT / "src"),
+           "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}
+    cmd = [sys.executable, str(ROOT / "mlproject" / "main.py"), *_args({**tiny, "tokens": "8192"})]
+    procs = [subprocess.Popen([*cmd, "--checkpoint_dir", str(tmp_path / f"ck{i}")], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    runs = _runs(tmp_path / "fresh")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]

@@ -17,7 +17,7 @@ import yaml
 from servers import store_client as _client
 from servers import store_runs as _runs
 
-from scaling_lab import analyze, config, counting, sources
+from scaling_lab import analyze, config, counting, projectspec, sources
 from scaling_lab.cli import main_search as main
 from scaling_lab.counting import chinchilla_n, kaplan_n
 from scaling_lab.isoflop import (
@@ -82,11 +82,13 @@ def test_published_allocations_and_budget_plan():
 def test_mlproject_search_entry_matches_search_config():
     spec = yaml.safe_load((ROOT / "MLproject").read_text())
     entry = spec["entry_points"]["search"]
-    assert list(entry["parameters"]) == SEARCH_FIELDS
+    # declared: the fields whose default no mode changes (projectspec); the rest are extra -P name=value
+    assert list(entry["parameters"]) == list(projectspec.parameters("search"))
+    assert set(entry["parameters"]) <= set(SEARCH_FIELDS) and "budgets" not in entry["parameters"]
     assert entry["command"].startswith("PYTHONPATH=src:$PYTHONPATH python mlproject/search.py")
-    for name in SEARCH_FIELDS:
+    for name in entry["parameters"]:
         assert f"--{name} {{{name}}}" in entry["command"]
-    assert list(spec["entry_points"]["main"]["parameters"]) == config.field_names()
+    assert set(spec["entry_points"]["main"]["parameters"]) <= set(config.field_names())
 
 
 # --------------------------------------------------------------------------- a real tiny search
@@ -389,10 +391,10 @@ def test_search_widens_until_bracketed_and_trains_seed_replicas(tiny_search, sto
     seeded = {r: rs for r, rs in by_rung.items() if len(rs) > 1}
     assert res.best_rung in seeded and len(seeded) == 3 and all(len(rs) == 2 for rs in seeded.values())
     for rs in seeded.values():
-        seeds = sorted(int(r.data.params["resolved.seed"]) for r in rs)
+        seeds = sorted(int(r.data.params["seed"]) for r in rs)
         assert seeds == [scfg.seed, scfg.seed + 1]
-        same = {k: {r.data.params[k] for r in rs} for k in rs[0].data.params if k.startswith("resolved.")}
-        assert {k for k, v in same.items() if len(v) > 1} <= {"resolved.seed", "resolved.run_name"}
+        same = {k: {r.data.params[k] for r in rs} for k in rs[0].data.params if k in config.field_names()}
+        assert {k for k, v in same.items() if len(v) > 1} <= {"seed", "run_name"} and "n_embd" in same
     losses = [[r.data.metrics["final/val_loss"] for r in rs] for rs in seeded.values()]
     pooled = math.sqrt(sum(sum((x - sum(g) / 2) ** 2 for x in g) for g in losses) / len(losses))
     parent = next(r for r in _runs(store) if r.data.tags.get("scaling_lab.kind") == "study")

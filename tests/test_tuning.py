@@ -14,7 +14,7 @@ import yaml
 from servers import store_client as _client
 from servers import store_runs as _runs
 
-from scaling_lab import counting, tunefit, tuning
+from scaling_lab import counting, projectspec, tunefit, tuning
 from scaling_lab.cli import main_tune
 from scaling_lab.config import ModelConfig
 from scaling_lab.isoflop import HyperRule, resolve_search
@@ -46,10 +46,11 @@ def test_flags_mlproject_entry_and_presets():
                  "block_size", "out", "dry_run", "dataset", "vocab_size", "seed", "flops_rule"):
         assert name in tuning.TUNE_FIELDS
     entry = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["tune"]
-    assert list(entry["parameters"]) == tuning.TUNE_FIELDS
-    assert all(p == {"type": "string", "default": "quick" if k == "mode" else ""} for k, p in entry["parameters"].items())
+    assert list(entry["parameters"]) == list(projectspec.parameters("tune"))  # the rest: extra -P name=value
+    assert set(entry["parameters"]) <= set(tuning.TUNE_FIELDS) and "budgets" not in entry["parameters"]
+    assert all(p["default"] not in ("", None) for p in entry["parameters"].values())
     assert entry["command"].startswith("PYTHONPATH=src:$PYTHONPATH python mlproject/tune.py")
-    for name in tuning.TUNE_FIELDS:
+    for name in entry["parameters"]:
         assert f"--{name} {{{name}}}" in entry["command"]
     q = tuning.resolve_tune({"mode": "quick"})
     assert len(q.budget_list()) >= 2 and len(q.size_list()) >= 3 and q.data.vocab_size == 512 and q.block_size == 64
@@ -111,9 +112,9 @@ def test_tune_writes_a_rule_a_search_uses_and_a_rerun_reuses_trials(tiny_tune, s
         c, t = by_id[run.info.run_id]
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.tags["budget"] == f"{c['budget']:g}" and run.data.tags["n_params_total"] == str(c["n_params_total"])
-        assert float(run.data.params["resolved.lr"]) == pytest.approx(t["lr"], rel=1e-12)
+        assert float(run.data.params["lr"]) == pytest.approx(t["lr"], rel=1e-12)
         assert float(run.data.tags["lr"]) == pytest.approx(t["lr"], rel=1e-5)  # tag: 6 significant digits
-        assert int(run.data.params["resolved.batch_size"]) == t["batch"] == int(run.data.tags["batch_size"])
+        assert int(run.data.params["batch_size"]) == t["batch"] == int(run.data.tags["batch_size"])
         assert run.data.metrics["final/val_loss"] == pytest.approx(t["loss"])
     out = capsys.readouterr().out
     assert "rule (tune tiny" in out and "spread" in out
@@ -136,14 +137,14 @@ def test_tune_writes_a_rule_a_search_uses_and_a_rerun_reuses_trials(tiny_tune, s
     assert trials
     for run in trials:
         p = run.data.params
-        m = ModelConfig(n_layer=int(p["resolved.n_layer"]), n_head=int(p["resolved.n_head"]),
-                        n_embd=int(p["resolved.n_embd"]), block_size=int(p["resolved.block_size"]),
-                        n_vocab=int(p["resolved.n_vocab"]))
+        m = ModelConfig(n_layer=int(p["n_layer"]), n_head=int(p["n_head"]),
+                        n_embd=int(p["n_embd"]), block_size=int(p["block_size"]),
+                        n_vocab=int(p["n_vocab"]))
         n_total = counting.n_params_total(m.n_layer, m.n_embd, m.n_vocab, m.block_size)
         assert float(p["n_params_total"]) == n_total
-        assert float(p["resolved.lr"]) == pytest.approx(rule.lr_for(n_total), rel=1e-12)
+        assert float(p["lr"]) == pytest.approx(rule.lr_for(n_total), rel=1e-12)
         tokens = counting.tokens_for_flops(m, float(run.data.tags["budget"]), scfg.flops_rule)
-        assert int(p["resolved.batch_size"]) == rule.batch_for(tokens, scfg.batch_min, scfg.batch_max)
+        assert int(p["batch_size"]) == rule.batch_for(tokens, scfg.batch_min, scfg.batch_max)
         assert run.data.tags["hparams"] == rule.source
 
 

@@ -29,7 +29,7 @@ from scaling_lab.errors import (
     WorkersDied,
 )
 from scaling_lab.runtime import dist_setup, dist_teardown, pick_device
-from scaling_lab.train import NullLogger, resume_config, train
+from scaling_lab.train import NullLogger, checkpoint_file, resume_config, train
 
 USER_ERRORS = (ConfigError, DataUnavailable)
 DAY_S = 86_400.0  # a plan estimated longer than this starts only with yes=true
@@ -228,6 +228,7 @@ def _train_config(argv: list[str], launched: str | None = None) -> config.RunCon
     that one, a different one is refused (the run cannot move, and an empty experiment would be left behind)."""
     args = parse(argv, config.field_names(), SUMMARIES["train"], (config.RunConfig,),
                  config.MODES["quick"])
+    tracking.require_store()  # a bad URI or a silent server: one line now, not minutes of MLflow's retries
     if launched and not args.get("resume"):
         where = tracking.run_experiment(launched)
         if config.is_unset(args.get("experiment")):
@@ -239,9 +240,13 @@ def _train_config(argv: list[str], launched: str | None = None) -> config.RunCon
     if not config.is_unset(args.get("resume")):
         rid = args["resume"].strip()
         folder = args.get("checkpoint_dir") or config.TrainConfig.checkpoint_dir
-        if Path(rid).name != rid or rid in (".", "..") or not (Path(folder) / rid / "last.pt").is_file():
+        local = checkpoint_file(folder, rid)
+        valid_id = Path(rid).name == rid and rid not in (".", "..")
+        if valid_id and not local.exists():  # another machine: the copy in the run's artifacts
+            tracking.fetch_checkpoint(rid, local)
+        if not valid_id or not local.is_file():
             raise ConfigError("resume", args["resume"], f"the id of a run with a checkpoint under checkpoint_dir "
-                              f"'{folder}' ({folder}/<run id>/last.pt)")
+                              f"'{folder}' ({folder}/<run id>/last.pt) or in its artifacts (checkpoint/last.pt)")
         cfg = resume_config(rid, folder)
         cfg.dry_run = config.parse_value("dry_run", args.get("dry_run") or "false")  # not stored in checkpoints
     else:
@@ -268,6 +273,21 @@ def dry_run_train(cfg: config.RunConfig, launched: str | None) -> int:
     return 0
 
 
+def _store_lost(log: tracking.RunLogger, cfg: config.RunConfig) -> int:
+    """Exit 75 with what really became of the metrics once tracking.run had retried: all written, or how many
+    wait in the checkpoint."""
+    uri, rid = tracking.masked(tracking.tracking_uri()), log.run_id
+    if log.pending:
+        error(f"tracking store {uri} did not answer: {log.pending} metric values of run {rid} are not written; "
+              f"they are kept in the checkpoint under {cfg.train.checkpoint_dir}: run again with resume={rid} when "
+              "the store answers to send them and finish the run")
+    else:
+        error(f"tracking store {uri} did not answer at the end of training; a retry then wrote every metric value "
+              f"of run {rid}, but its final artifacts were not logged: run again with resume={rid} to add them and "
+              "finish the run")
+    return 75  # EX_TEMPFAIL
+
+
 def main_train(argv: list[str]) -> int:
     """The ``main`` entry point: resolve the config, train one run, print the summary line."""
     launched = tracking.launched_run_id()  # the run `mlflow run` created and logged params into
@@ -280,6 +300,7 @@ def main_train(argv: list[str]) -> int:
         _, code = guarded(launched, lambda: data.check_length(cfg.data, cfg.model.block_size))
         if code is not None:
             return code
+    cfg.run_name = run_name(cfg)  # logged as the run_name param: the value used, never ''
     rank, world = dist_setup(cfg.train.device)  # torchrun: one process per rank; only rank 0 talks to MLflow
     # calibrated throughput (cached per device+shape) -> predicted wall time; single-process runs only
     est = estimate.estimate_or_none(cfg) if world == 1 else None
@@ -295,7 +316,7 @@ def main_train(argv: list[str]) -> int:
             log = NullLogger(run_id=f"rank{rank}")  # named: an Interrupted on this rank reports log.run_id too
             train(cfg, log, progress=False)
             return 0
-        with tracking.run(cfg.experiment, run_name(cfg), run_id=run_id, tags={"scaling_lab.kind": "train"}) as log:
+        with tracking.run(cfg.experiment, cfg.run_name, run_id=run_id, tags={"scaling_lab.kind": "train"}) as log:
             if world > 1:
                 log.set_tags({"world_size": world})
             result = train(cfg, log)
@@ -308,12 +329,12 @@ def main_train(argv: list[str]) -> int:
     except Interrupted as exc:
         error(f"interrupted: {exc}; continue with resume={log.run_id}")
         return 130
-    except TrackingUnavailable as exc:
-        error(f"{exc}; they are kept in the checkpoint under {cfg.train.checkpoint_dir}: run again with "
-              f"resume={log.run_id} when the store answers to send them and finish the run")
-        return 75  # EX_TEMPFAIL
+    except TrackingUnavailable:
+        return _store_lost(log, cfg)
     finally:
         dist_teardown()
+    if log.pending:  # written nowhere but the checkpoint: the run is FAILED, whatever train() returned
+        return _store_lost(log, cfg)
     overhead = 100 * result.log_seconds / result.wall_s if result.wall_s else 0.0
     print(f"run {result.run_id} FINISHED: val/loss {result.val_loss:.4f} ({result.val_bpb:.4f} bits/byte) after "
           f"{result.steps} steps, {result.tokens_trained:,} tokens in {result.wall_s:.1f} s "
@@ -330,6 +351,7 @@ def _search_config(argv: list[str]) -> isoflop.SearchConfig:
     args = parse(argv, isoflop.SEARCH_FIELDS, SUMMARIES["search"], (isoflop.SearchConfig,),
                  isoflop.SEARCH_MODES["quick"])
     scfg = isoflop.resolve_search(args)
+    tracking.require_store()
     for c in scfg.budget_list():
         isoflop.plan_budget(scfg, c)
     data.validate_source(scfg.data)
@@ -404,6 +426,8 @@ def main_analyze(argv: list[str]) -> int:
 
     def fit() -> tuple:
         cfg = analyze.parse_config(parse(argv, analyze.field_names(), SUMMARIES["analyze"], (analyze.AnalyzeConfig,)))
+        if cfg.log or cfg.source == "mlflow":
+            tracking.require_store()
         study = analyze.load(cfg)
         return cfg, study, *analyze.analyze_study(study, cfg)
 
@@ -461,6 +485,7 @@ def main_doctor(argv: list[str]) -> int:
 def _tune_config(argv: list[str]) -> tuning.TuneConfig:
     args = parse(argv, tuning.TUNE_FIELDS, SUMMARIES["tune"], (tuning.TuneConfig,), tuning.TUNE_MODES["quick"])
     tcfg = tuning.resolve_tune(args)
+    tracking.require_store()
     tuning.plan_cells(tcfg)  # a budget too small for a size fails here, before any run exists
     data.validate_source(tcfg.data)
     check_writable_dir("checkpoint_dir", tcfg.train.checkpoint_dir)

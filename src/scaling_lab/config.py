@@ -1,7 +1,7 @@
 """Configuration: one dataclass per concern, the modes table, validation, and THE field parser.
 
-Every field name is also the MLproject parameter, the CLI flag and the MLflow param key
-(``resolved.<field>`` for the value actually used; see README "Parameters"). Every entry point turns its
+Every field name is also the MLproject parameter, the CLI flag and the MLflow param key (holding the value
+actually used; see README "Parameters"). Every entry point turns its
 strings into typed values with ``parse_fields``: a value is unset only when absent, None or '' (never 0, so
 ``--seed 0`` or ``--grad_clip 0`` mean zero).
 """

@@ -86,7 +86,7 @@ def from_frame(frame: pd.DataFrame, histories: dict[str, dict[str, list]] | None
         "flops_total": _num(base, "params.flops_total").values,
         "flops_exact": _num(base, "params.flops_exact").values,
         "epochs": _num(base, "params.epochs").values,
-        "seed": _num(base, "params.resolved.seed").values,
+        "seed": _num(base, "params.seed").fillna(_num(base, "params.resolved.seed")).values,  # older stores: resolved.*
         "loss": _num(base, "metrics.final/val_loss").values,
         "tokens_per_step": _num(base, "params.tokens_per_step").values,
         "status": base["status"].values,

@@ -8,12 +8,16 @@ a flush that fails (server away) keeps the buffer and is retried, so nothing log
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import math
 import os
+import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -24,6 +28,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.context.registry import resolve_tags
 
 import scaling_lab
 from scaling_lab.errors import ConfigError, Interrupted, TrackingUnavailable
@@ -58,6 +63,26 @@ def tracking_uri() -> str:
     return uri if uri else f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+_OPENED: set[str] = set()  # stores this process has opened (created if new) already
+
+
+def open_store(uri: str) -> None:
+    """First use of a store in this process. A SQLite file is opened (its tables created when it is new) under an
+    exclusive lock on ``<file>.lock`` (fcntl), so several processes starting at once on a fresh store create it
+    once; MLflow's table creation is not safe to run twice at the same time."""
+    if uri in _OPENED:
+        return
+    if uri.startswith("sqlite:") and ":///" in uri:
+        path = Path(uri.split(":///", 1)[1])
+        with open(path.with_name(path.name + ".lock"), "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                MlflowClient(uri).search_experiments(max_results=1)
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+    _OPENED.add(uri)
+
+
 def setup(experiment: str) -> str:
     """Point mlflow at the store, create the experiment if needed; return its id.
 
@@ -66,6 +91,7 @@ def setup(experiment: str) -> str:
     """
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    open_store(uri)
     client = MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -89,6 +115,7 @@ def run_experiment(run_id: str) -> str:
 
 
 def git_commit() -> str:
+    """The package's git commit (provenance, and mlflow.source.git.commit where MLflow found none), or unknown."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
@@ -98,7 +125,28 @@ def git_commit() -> str:
 
 
 def standard_tags() -> dict[str, str]:
-    return {"scaling_lab.version": scaling_lab.__version__, "git_commit": git_commit()}
+    """Tags of every run besides MLflow's own (mlflow.user, mlflow.source.name/type/git.commit)."""
+    return {"scaling_lab.version": scaling_lab.__version__}
+
+
+def param_text(value: Any) -> str:
+    """How a param value is stored: booleans as true/false (as MLproject passes them), the rest as str()."""
+    text = ("true" if value else "false") if isinstance(value, bool) else "" if value is None else str(value)
+    return text[:PARAM_VALUE_LIMIT]
+
+
+def same_param(stored: str, text: str) -> bool:
+    """Do two param strings mean the same value? ``mlflow run`` logs shell-quoted values ('a b'), and numbers may
+    be written differently (2e6 and 2000000, 1 and 1.0)."""
+    with contextlib.suppress(ValueError):
+        parts = shlex.split(stored)
+        stored = parts[0] if len(parts) == 1 else stored
+    if stored == text:
+        return True
+    with contextlib.suppress(ValueError):
+        return float(stored) == float(text)
+    words = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+    return stored.lower() in words and words.get(stored.lower()) == words.get(text.lower())
 
 
 class RunLogger:
@@ -116,6 +164,7 @@ class RunLogger:
         self._last_flush = time.monotonic()
         self._stored = self._stored_last_steps()  # {key: last stored step} of a continued training run
         self._latest: dict[str, int] = {}  # {key: step} last buffered in this process (drops exact repeats)
+        self._sent: dict[str, Metric] = {}  # {key: its last Metric} (log_model links the final ones)
         self.last_step = self._stored.get("train/loss", 0)
         self.flush_seconds_total = 0.0  # wall time spent writing metrics (for the overhead figure)
         self.flush_failures = 0
@@ -134,9 +183,22 @@ class RunLogger:
 
     # -- the callback protocol used by train() --------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
-        run = self.client.get_run(self.run_id)
-        have = run.data.params
-        items = [Param(k, str(v)[:PARAM_VALUE_LIMIT]) for k, v in params.items() if k not in have]
+        """Each value once under its field name: booleans as true/false, '' and None left out (no param is ever
+        ''); a key already stored (``mlflow run`` logs its declared parameters first) is skipped when the value
+        means the same (2e6 = 2000000, quoted = unquoted), noted on stderr when it does not (MLflow refuses to
+        change a param)."""
+        have = self.client.get_run(self.run_id).data.params
+        items = []
+        for k, v in params.items():
+            text = param_text(v)
+            if not text:
+                continue
+            if k in have:
+                if not same_param(have[k], text):
+                    print(f"tracking: param {k} was logged as {have[k]!r} before; the value used is {text!r}",
+                          file=sys.stderr)
+                continue
+            items.append(Param(k, text))
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
 
@@ -156,6 +218,7 @@ class RunLogger:
             self._latest[k] = step
             v = float(v)
             self._buffer.append(Metric(k, v if math.isfinite(v) else float("nan"), ts, step))
+            self._sent[k] = self._buffer[-1]
 
     def unsent(self) -> list[tuple[int, str, float]]:
         """(step, key, value) of the metrics not yet written (checkpoints keep them; resume sends them)."""
@@ -196,7 +259,26 @@ class RunLogger:
         self.flush_seconds_total += time.monotonic() - t0
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        with _single_http_attempt(300):  # a server that is away fails this upload, it does not stall for minutes
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_model(self, model: Any, name: str, metrics: tuple[str, ...] = ()) -> str:
+        """``mlflow.pytorch.log_model``: an MLflow LoggedModel of this (active) run, loadable with
+        ``mlflow.pytorch.load_model(f"models:/{model_id}")`` (the package's code travels with it), linked to the
+        last values of ``metrics`` this logger wrote. Returns the model id."""
+        import mlflow.pytorch
+
+        active = mlflow.active_run()
+        if active is None or active.info.run_id != self.run_id:
+            raise RuntimeError(f"log_model needs run {self.run_id} active in this thread (tracking.run)")
+        info = mlflow.pytorch.log_model(model, name=name, serialization_format="pickle",  # the module, forward(x, y)
+                                        pip_requirements=[f"torch=={version('torch')}"],
+                                        code_paths=[str(Path(scaling_lab.__file__).parent)])
+        linked = [Metric(m.key, m.value, m.timestamp, m.step, model_id=info.model_id)
+                  for k in metrics if (m := self._sent.get(k)) is not None]
+        if linked:  # the same values again, now naming the model: the store keeps one copy in the run's history
+            self.client.log_batch(self.run_id, metrics=linked, synchronous=True)
+        return info.model_id
 
     def log_dataset(self, name: str, source: dict[str, str], digest: str, context: str) -> None:
         """A dataset input of the run (the UI's Dataset column): ``source`` from data.dataset_source, ``digest``
@@ -231,14 +313,9 @@ def _one_http_attempt_env(timeout_s: int):
                 os.environ[k] = v
 
 
-@contextlib.contextmanager
-def _single_http_attempt(timeout_s: int = 30):
+def _single_http_attempt(timeout_s: int = 30) -> contextlib.AbstractContextManager:
     """MLflow HTTP requests in this block: one attempt, ``timeout_s`` at most (only for an http:// store)."""
-    if not tracking_uri().startswith("http"):
-        yield
-        return
-    with _one_http_attempt_env(timeout_s):
-        yield
+    return _one_http_attempt_env(timeout_s) if tracking_uri().startswith("http") else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -250,61 +327,103 @@ def run(
     tags: dict[str, Any] | None = None,
     system_metrics: bool = True,
 ) -> Iterator[RunLogger]:
-    """Open (or continue) a run; end it FINISHED, FAILED (tag ``error``) or KILLED (tag ``killed_by``).
+    """Open (or continue) a run through ``mlflow.start_run``; end it FINISHED, FAILED (tag ``error``) or KILLED
+    (tag ``killed_by``).
 
-    ``run_id`` continues an existing run (resume, or the run ``mlflow run`` created: ``launched_run_id()``).
-    """
+    ``run_id`` continues an existing run (resume, or the run ``mlflow run`` created: ``launched_run_id()``); one
+    that was interrupted before gets ``interrupted_at_step`` (comma-separated, one per interruption) and
+    ``interrupted_by``, and its stale ``error`` / ``killed_by`` tags are removed once it finishes. New runs get
+    MLflow's standard tags (mlflow.user, mlflow.source.*). System metrics: on for ``system_metrics`` unless
+    MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING says otherwise. Safe in threads (MLflow's active run is per thread)."""
     exp_id = setup(experiment)
     client = MlflowClient()
-    all_tags = {**standard_tags(), **(tags or {})}
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-    if run_id is None:
-        created = client.create_run(exp_id, tags={k: str(v) for k, v in all_tags.items()},
-                                    run_name=run_name or None)
-        run_id = created.info.run_id
-    else:
-        client.update_run(run_id, status="RUNNING", name=run_name or None)
-        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in all_tags.items()])
-    monitor = _system_metrics(run_id) if system_metrics else None
+    all_tags = {k: str(v) for k, v in {**standard_tags(), **(tags or {})}.items()}
+    before = client.get_run(run_id) if run_id else None
+    run_id = _start(client, exp_id, run_name, run_id, parent_run_id, all_tags, system_metrics)
     logger = RunLogger(run_id, client=client)
+    if before is not None:
+        _note_interruption(logger, before)
     status = RunStatus.to_string(RunStatus.FINISHED)
     try:
         yield logger
     except BaseException as exc:
         killed = isinstance(exc, (KeyboardInterrupt, Interrupted))
         status = RunStatus.to_string(RunStatus.KILLED if killed else RunStatus.FAILED)
-        reason = f"{type(exc).__name__}: {exc}"[:PARAM_VALUE_LIMIT]
         with contextlib.suppress(Exception):
             logger.flush(retries=3)
+        reason = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, TrackingUnavailable) and not logger.pending:
+            reason = (f"{type(exc).__name__}: the store did not answer at the end of training; a retry then wrote "
+                      "every metric value, but the final artifacts were not logged (resume the run to add them)")
         with contextlib.suppress(Exception):
-            logger.set_tags({"killed_by" if killed else "error": reason})
+            logger.set_tags({"killed_by" if killed else "error": reason[:PARAM_VALUE_LIMIT]})
         raise
     finally:
-        if monitor is not None:
-            with contextlib.suppress(Exception):
-                monitor.finish()
         with contextlib.suppress(Exception):
             logger.flush(retries=5)
         if logger.pending:
             status = RunStatus.to_string(RunStatus.FAILED)
             with contextlib.suppress(Exception):
                 logger.set_tags({"error": f"{logger.pending} metric values could not be written"})
-        with contextlib.suppress(Exception):
+        if status == "FINISHED" and before is not None:
+            with contextlib.suppress(Exception):
+                for key in ("error", "killed_by"):  # superseded: the run finished after all
+                    if key in before.data.tags:
+                        client.delete_tag(run_id, key)
+        _end(client, run_id, status)
+
+
+def _system_metrics_flag(wanted: bool) -> bool | None:
+    """``log_system_metrics`` for mlflow.start_run: None (MLflow reads MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING, which
+    ``mlflow.enable_system_metrics_logging()`` sets) when the variable is set, else ``wanted``."""
+    return None if wanted and os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING") else wanted
+
+
+def _start(client: MlflowClient, exp_id: str, run_name: str, run_id: str | None, parent_run_id: str | None,
+           tags: dict[str, str], system_metrics: bool) -> str:
+    """Start the run with ``mlflow.start_run`` and return its id. It nests under this thread's active run only
+    when that run is the parent asked for; otherwise the run is created with MLflow's standard tags resolved
+    and then started by id (so an unrelated active run never becomes its parent)."""
+    active = mlflow.active_run()
+    kw: dict[str, Any] = {"run_name": run_name or None, "nested": active is not None, "tags": tags,
+                          "log_system_metrics": _system_metrics_flag(system_metrics)}
+    if run_id is None and active is not None and active.info.run_id != parent_run_id:
+        parent = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+        run_id = client.create_run(exp_id, tags=resolve_tags({**tags, **parent}), run_name=run_name or None).info.run_id
+    if run_id is None:
+        started = mlflow.start_run(experiment_id=exp_id, parent_run_id=parent_run_id, **kw)
+    else:
+        started = mlflow.start_run(run_id=run_id, **kw)
+    if "mlflow.source.git.commit" not in started.data.tags and (commit := git_commit()) != "unknown":
+        client.set_tag(started.info.run_id, "mlflow.source.git.commit", commit)  # console script, tests
+    return started.info.run_id
+
+
+def _end(client: MlflowClient, run_id: str, status: str) -> None:
+    """End the run: ``mlflow.end_run`` when it is this thread's active run (it also stops the system-metrics
+    monitor), else set_terminated. A store that does not answer leaves the run as it is."""
+    with contextlib.suppress(Exception):
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run_id:
+            mlflow.end_run(status)
+        else:
             client.set_terminated(run_id, status)
 
 
-def _system_metrics(run_id: str):
-    """psutil CPU/memory (and GPU where present) sampled into the run as system/* metrics."""
-    try:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        mon = SystemMetricsMonitor(run_id, sampling_interval=10, samples_before_logging=1)
-        mon.start()
-        return mon
-    except Exception as exc:  # psutil missing or a monitor error must not stop training
-        print(f"system metrics off: {exc}", file=sys.stderr)
-        return None
+def _note_interruption(logger: RunLogger, before: Any) -> None:
+    """A continued run that stopped before its end (killed, failed, or left RUNNING by kill -9 with steps stored):
+    record where (``interrupted_at_step``) and why (``interrupted_by``)."""
+    tags = before.data.tags
+    reason = tags.get("error") or tags.get("killed_by") or ""
+    if before.info.status == "FINISHED" or not (logger.last_step or reason):
+        return
+    if before.info.status == "RUNNING" and not logger.last_step:
+        return  # the run `mlflow run` just created: nothing happened yet
+    note = {"interrupted_by": reason or f"the process ended while the run was {before.info.status}"}
+    if logger.last_step:
+        steps = [s for s in tags.get("interrupted_at_step", "").split(",") if s]
+        note["interrupted_at_step"] = ",".join([*steps, str(logger.last_step)])
+    logger.set_tags(note)
 
 
 def end_stray_run(run_id: str, reason: str) -> None:
@@ -346,6 +465,26 @@ def _delete_when_gone(run_id: str, pid: str, uri: str, timeout_s: float = 3600) 
     with contextlib.suppress(psutil.Error):
         psutil.Process(int(pid)).wait(timeout=timeout_s)
     MlflowClient(uri).delete_run(run_id)
+
+
+def fetch_checkpoint(run_id: str, path: Path, artifact: str = "checkpoint/last.pt") -> bool:
+    """``resume`` on a machine without the local checkpoint: download the run's ``checkpoint/last.pt`` artifact to
+    ``path`` (atomically). False when the store or the run has none (a missing SQLite file is not created)."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:") and not Path(uri.split(":///", 1)[-1]).exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        open_store(uri)
+        with _single_http_attempt(300), tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            os.replace(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=tmp,
+                                                           tracking_uri=uri), path)
+    except Exception:  # no such run or artifact, unreachable store: the caller names the missing checkpoint
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()  # only when empty
+        return False
+    print(f"resume: checkpoint of run {run_id} downloaded from the tracking store to {path}", file=sys.stderr)
+    return True
 
 
 def fail_run(run_id: str, reason: str) -> None:
@@ -490,8 +629,6 @@ def end_pruned_run(run_id: str, reason: str) -> None:
 def finish_invocation_run(run_id: str, table: str, study_runs: dict[str, str]) -> None:
     """The run ``mlflow run -e search`` created: tag it kind=search with its studies' parent runs, attach the
     closing table, end FINISHED."""
-    import tempfile
-
     client = MlflowClient()
     tags = [RunTag("scaling_lab.kind", "search"), RunTag("study_runs", ",".join(study_runs.values())[:PARAM_VALUE_LIMIT]),
             RunTag("studies", ",".join(study_runs)[:PARAM_VALUE_LIMIT])]
@@ -503,8 +640,23 @@ def finish_invocation_run(run_id: str, table: str, study_runs: dict[str, str]) -
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
-def check_store(experiment: str = "", uri: str | None = None, timeout_s: int = 5) -> tuple[bool, str]:
+STORE_CHECK_S = 10  # require_store: one request, no retries, at most this long (README "Tracking store")
+
+
+def require_store(timeout_s: int = STORE_CHECK_S) -> None:
+    """Before any training: the store MLFLOW_TRACKING_URI names must be one MLflow can parse and must answer one
+    request within ``timeout_s`` (MLflow's own retries would wait minutes). Raises ConfigError naming it."""
+    uri = tracking_uri()
+    ok, detail = check_store(uri=uri, timeout_s=timeout_s, write=False)
+    if not ok:
+        raise ConfigError("MLFLOW_TRACKING_URI", masked(uri), f"a tracking store MLflow can open that answers "
+                          f"within {timeout_s} s (this one: {detail.split(': ', 1)[-1]})")
+
+
+def check_store(experiment: str = "", uri: str | None = None, timeout_s: int = 5,
+                write: bool = True) -> tuple[bool, str]:
     """Doctor check: does the tracking store answer, and does it accept a write? Returns (ok, detail).
+    ``write=False``: only open it (an existing writable SQLite file is not even opened) and read once.
 
     SQLite: a missing file is fine when its folder is writable (it is created on first use); an existing
     one is read and gets an experiment tag ``scaling_lab.doctor`` (the write test). Servers: the same read
@@ -520,9 +672,14 @@ def check_store(experiment: str = "", uri: str | None = None, timeout_s: int = 5
             return True, f"{uri} (not created yet; folder {folder} is writable)"
         if not os.access(path, os.W_OK):
             return False, f"{uri}: file is not writable"
+        if not write:
+            return True, f"{uri} (writable)"
     try:
         with _one_http_attempt_env(timeout_s):
             client = MlflowClient(uri)
+            if not write:
+                client.search_experiments(max_results=1)
+                return True, f"{masked(uri)} (answers)"
             exp = client.get_experiment_by_name(experiment) if experiment else None
             exps = [exp] if exp is not None else client.search_experiments(max_results=1)
             if not exps:

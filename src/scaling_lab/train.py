@@ -41,6 +41,7 @@ class Logger(Protocol):
     def set_tags(self, tags: dict[str, Any]) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_dataset(self, name: str, source: dict[str, str], digest: str, context: str) -> None: ...
+    def log_model(self, model: torch.nn.Module, name: str, metrics: tuple[str, ...] = ()) -> str: ...
     def flush(self, raise_on_error: bool = True) -> None: ...
     def unsent(self) -> list[tuple[int, str, float]]: ...
 
@@ -56,6 +57,7 @@ class MemoryLogger:
     metrics: list[tuple[int, str, float]] = field(default_factory=list)
     artifacts: list[str] = field(default_factory=list)
     datasets: list[dict[str, Any]] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.params.update(params)
@@ -72,6 +74,10 @@ class MemoryLogger:
 
     def log_dataset(self, name: str, source: dict[str, str], digest: str, context: str) -> None:
         self.datasets.append({"name": name, "source": source, "digest": digest, "context": context})
+
+    def log_model(self, model: torch.nn.Module, name: str, metrics: tuple[str, ...] = ()) -> str:
+        self.models.append(name)
+        return f"memory-{name}"
 
     def flush(self, raise_on_error: bool = True) -> None:
         pass
@@ -123,8 +129,13 @@ def lr_at(step: int, steps: int, peak: float, warmup_frac: float, min_ratio: flo
 # --------------------------------------------------------------------------- checkpoints
 
 
+def checkpoint_file(checkpoint_dir: str, run_id: str) -> Path:
+    """Where a run's checkpoint lives locally (its copy in the run's artifacts is ``checkpoint/last.pt``)."""
+    return Path(checkpoint_dir) / run_id / "last.pt"
+
+
 def checkpoint_path(cfg: RunConfig, run_id: str) -> Path:
-    return Path(cfg.train.checkpoint_dir) / run_id / "last.pt"
+    return checkpoint_file(cfg.train.checkpoint_dir, run_id)
 
 
 def save_checkpoint(path: Path, model, optimizer, step: int, cfg: RunConfig, history: list[float],
@@ -145,6 +156,23 @@ def save_checkpoint(path: Path, model, optimizer, step: int, cfg: RunConfig, his
     os.replace(tmp, path)  # atomic: kill -9 never leaves a torn checkpoint
 
 
+def checkpoint(s: Session, log: Logger, done: int) -> None:
+    """Save ``last.pt`` (rank 0) and upload it as the run's artifact ``checkpoint/last.pt``, so ``resume`` works on
+    any machine that reaches the store; an upload that fails (store away) is only reported: the next one catches up."""
+    if s.rank != 0:
+        return
+    save_checkpoint(s.ckpt, s.model, s.optimizer, done, s.cfg, s.history, log.unsent())
+    upload_checkpoint(s, log)
+
+
+def upload_checkpoint(s: Session, log: Logger) -> None:
+    """``last.pt`` as the run's artifact ``checkpoint/last.pt`` (a failed upload is reported, never raised)."""
+    try:
+        log.log_artifact(s.ckpt, "checkpoint")
+    except Exception as exc:  # the local file is what a resume on this machine reads
+        print(f"checkpoint: kept at {s.ckpt}; uploading it to the run failed ({type(exc).__name__})", file=sys.stderr)
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError("resume", str(path.parent.name), f"a run with a checkpoint at {path}")
@@ -153,9 +181,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def resume_config(run_id: str, checkpoint_dir: str) -> RunConfig:
     """The config a run was started with, from its checkpoint (resume must train the same thing)."""
-    state = load_checkpoint(Path(checkpoint_dir) / run_id / "last.pt")
+    state = load_checkpoint(checkpoint_file(checkpoint_dir, run_id))
     flat = dict(state["config"])
     flat["resume"] = run_id
+    flat["checkpoint_dir"] = checkpoint_dir  # where it was found (a download on another machine)
     return from_flat(flat)
 
 
@@ -253,7 +282,7 @@ def setup(cfg: RunConfig, log: Logger) -> Session:
     if tc.resume:
         _resume(s, log)
     else:
-        log.log_params({f"resolved.{k}": v for k, v in cfg.flat().items()} | plan.params()
+        log.log_params(cfg.flat() | {"cache_dir": str(data.cache_root(cfg.data))} | plan.params()
                        | {"n_vocab": m.n_vocab, "micro_batch_used": micro, "grad_accum": accum,
                           "epochs": round(s.epochs, 4), "train_split_tokens": len(train_tokens.ids),
                           "device_used": str(device), "dtype_used": str(dtype).replace("torch.", ""),
@@ -366,7 +395,7 @@ def fit(s: Session, log: Logger, on_eval: Callable[[int, float, float], None] | 
             at_ckpt = (done % plan.checkpoint_every == 0) if plan.checkpoint_every else done in plan.eval_steps
             if ((at_ckpt and done < plan.steps) or stop.is_set()) and s.rank == 0:
                 log.flush(raise_on_error=False)  # stored history reaches the checkpoint (kill -9 leaves no gap)
-                save_checkpoint(s.ckpt, s.model, s.optimizer, done, s.cfg, s.history, log.unsent())
+                checkpoint(s, log, done)
             if stop.is_set():
                 bar.close()
                 raise Interrupted(f"signal at step {done}; checkpoint {s.ckpt}")
@@ -384,6 +413,8 @@ def finish(s: Session, log: Logger, val_loss: float, stopped: bool, loop_s: floa
     if s.rank == 0:
         save_checkpoint(s.ckpt, s.model, s.optimizer, done, s.cfg, s.history, log.unsent())
     log.flush()  # raises TrackingUnavailable when the store is away: the checkpoint keeps the metrics
+    if s.rank == 0:
+        upload_checkpoint(s, log)  # the final state, now that the store answers
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "config.json"
         cfg_path.write_text(json.dumps(s.cfg.flat(), indent=2))
@@ -392,8 +423,8 @@ def finish(s: Session, log: Logger, val_loss: float, stopped: bool, loop_s: floa
         m = s.cfg.model
         if figures.loss_curve(s.history, png, f"{s.cfg.mode}: L={m.n_layer} d={m.n_embd} V={s.cfg.data.vocab_size}"):
             log.log_artifact(png)
-        if s.cfg.train.save_checkpoint:
-            log.log_artifact(s.ckpt, "checkpoint")
+        if s.cfg.train.save_checkpoint and s.rank == 0:  # the model, as an MLflow LoggedModel with its final metrics
+            log.log_model(s.model, "model", ("final/val_loss", "final/val_bpb"))
     log.flush()
     tok_per_step = plan.tokens_per_step
     tps = (done - s.start) * tok_per_step / loop_s if loop_s > 0 else 0.0

@@ -440,7 +440,7 @@ def run_tune(tcfg: TuneConfig, out: TextIO | None = None, launched: str | None =
         found = _find_parent(tcfg)
         with tracking.run(tcfg.experiment, name, run_id=found, tags=tags, system_metrics=False) as plog:
             lock.release()
-            plog.log_params({f"resolved.{k}": v for k, v in config.flat(tcfg).items() if k != "storage"})
+            plog.log_params({k: v for k, v in config.flat(tcfg).items() if k != "storage"})
             for cell, study in zip(cells, opened):
                 tune_cell(tcfg, cell, study, plog.run_id, out)
             records = [cell_record(c, s) for c, s in zip(cells, opened)]
