@@ -1,11 +1,16 @@
 """A short real training run on the offline WikiText-2 text, logged to a temporary SQLite store."""
 
+import ast
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from scaling_lab import config, tracking
+from scaling_lab import config, runtime, tracking
 from scaling_lab.counting import make_plan
 from scaling_lab.errors import NonFiniteLoss
 from scaling_lab.train import MemoryLogger, lr_at, train
@@ -85,3 +90,39 @@ def test_memory_logger_run_matches_plan(tiny):
     plan = make_plan(cfg)
     assert result.steps == plan.steps == len(log.history("train/loss"))
     assert log.params["n_params_total"] == plan.counts["n_params_total"]
+
+
+# --------------------------------------------------------------------------- threads (issue 16.4)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env_without_thread_settings(store) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    return env | {"MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}", "PYTHONPATH": str(ROOT / "src")}
+
+
+def test_a_training_process_sets_a_passive_wait_policy_and_one_thread_per_physical_core(tiny, store):
+    """The main entry point, started without OMP_* settings: its run logs the policy it trained under (set before
+    torch loaded) and torch's thread count, the physical cores this process may use."""
+    cmd = [sys.executable, str(ROOT / "mlproject" / "main.py"), *[x for k, v in tiny.items() for x in (f"--{k}", v)],
+           "--experiment", "threads", "--tokens", "5120"]
+    done = subprocess.run(cmd, cwd=store, env=_env_without_thread_settings(store), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = [r for e in MlflowClient().search_experiments() for r in MlflowClient().search_runs([e.experiment_id])]
+    assert run.data.params["runtime.omp_wait_policy"] == "PASSIVE"
+    assert int(run.data.params["runtime.num_threads"]) == runtime.physical_cores() >= 1
+
+
+def test_user_thread_settings_win_and_workers_share_the_cores(store):
+    """OMP_WAIT_POLICY and OMP_NUM_THREADS the user set are kept; without them N workers get cores // N each."""
+    code = ("import scaling_lab.runtime as r; r.configure_threads(); print(r.thread_params()); "
+            "import os; os.environ.pop('OMP_NUM_THREADS'); r.configure_threads(2); print(r.thread_params())")
+    env = _env_without_thread_settings(store) | {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    user, shared = (ast.literal_eval(line) for line in done.stdout.split("\n")[:2])
+    assert user == {"runtime.omp_wait_policy": "ACTIVE", "runtime.num_threads": 1}
+    assert shared["runtime.num_threads"] == max(1, runtime.physical_cores() // 2)
+    assert runtime.physical_cores({0}) == 1

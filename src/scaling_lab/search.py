@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import TextIO
 
 import optuna
-import torch
 from tqdm import tqdm
 
-from scaling_lab import config, data, figures, studies, tracking
+from scaling_lab import config, data, figures, runtime, studies, tracking
 from scaling_lab.config import RunConfig
 from scaling_lab.counting import make_plan
 from scaling_lab.errors import Interrupted, StopTraining, WorkersDied
@@ -191,8 +190,7 @@ def optimize_loop(scfg: SearchConfig, plan: BudgetPlan, parent_run_id: str, targ
 
 def _worker_main(scfg: SearchConfig, plan: BudgetPlan, parent_run_id: str, target: int) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if "OMP_NUM_THREADS" not in os.environ:  # share the cores: N workers x all cores would oversubscribe them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // scfg.workers))
+    runtime.configure_threads(scfg.workers)  # share the cores: N workers x all cores would oversubscribe them
     optimize_loop(scfg, plan, parent_run_id, target)
 
 

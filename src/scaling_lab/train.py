@@ -257,7 +257,7 @@ def setup(cfg: RunConfig, log: Logger) -> Session:
                        | {"n_vocab": m.n_vocab, "micro_batch_used": micro, "grad_accum": accum,
                           "epochs": round(s.epochs, 4), "train_split_tokens": len(train_tokens.ids),
                           "device_used": str(device), "dtype_used": str(dtype).replace("torch.", ""),
-                          "compile_used": compile_on})
+                          "compile_used": compile_on} | runtime.thread_params())
         log.set_tags({"mode": cfg.mode, "dataset": cfg.data.dataset, "device": str(device)})
         for split, toks, context in ((cfg.data.train_split, train_tokens, "train"),
                                      (cfg.data.val_split, val_tokens, "validation")):
