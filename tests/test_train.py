@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from scaling_lab import config, runtime, tracking
 from scaling_lab.counting import make_plan
 from scaling_lab.errors import NonFiniteLoss
-from scaling_lab.train import MemoryLogger, lr_at, train
+from scaling_lab.model import GPT
+from scaling_lab.train import MemoryLogger, lr_at, setup, train
 
 
 def test_lr_schedule_warmup_then_cosine_to_ten_percent():
@@ -126,3 +128,47 @@ def test_user_thread_settings_win_and_workers_share_the_cores(store):
     assert user == {"runtime.omp_wait_policy": "ACTIVE", "runtime.num_threads": 1}
     assert shared["runtime.num_threads"] == max(1, runtime.physical_cores() // 2)
     assert runtime.physical_cores({0}) == 1
+
+
+# --------------------------------------------------------------------------- less overhead, same numbers (16.2)
+
+
+def reference_losses(cfg: config.RunConfig, steps: int) -> list[float]:
+    """The loop as it was before issue 16: AdamW foreach, clip_grad_norm_'s per-tensor norms, a float() per step;
+    same seed, same init, same batches (a pure function of seed, step and micro index)."""
+    s = setup(cfg, MemoryLogger())  # its data and micro-batching; the model below is built afresh
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), s.model.parameters()))  # same init
+    tc = cfg.train
+    opt = torch.optim.AdamW(model.param_groups(tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2), foreach=True)
+    out = []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, s.plan.steps, tc.lr, tc.warmup_frac, tc.min_lr_ratio)
+        total = 0.0
+        for k in range(s.accum):
+            x, y = s.batches.get(step, k, s.micro)
+            _, loss = model(x, y)
+            (loss / s.accum).backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out.append(total / s.accum)
+    return out
+
+
+@pytest.mark.parametrize("extra", [{}, {"micro_batch": "2", "grad_clip": "0.05"}])
+def test_same_seed_same_per_step_losses_as_the_plain_loop(tiny, extra):
+    """Losses read back in logging batches, foreach clipping in one pass: the per-step losses of the plain loop,
+    with gradient accumulation and with clipping active at every step."""
+    cfg = config.resolve({**tiny, "tokens": "40960", **extra})  # 80 steps
+    log = MemoryLogger()
+    result = train(cfg, log, progress=False)
+    ref = reference_losses(cfg, result.steps)
+    assert result.steps == 80 and len(result.history) == 80
+    assert [v for _, v in log.history("train/loss")] == result.history
+    assert max(abs(a - b) for a, b in zip(result.history, ref)) <= 1e-6
+    if extra:
+        assert all(v > 0.05 for _, v in log.history("train/grad_norm"))  # the clip acted at every step
