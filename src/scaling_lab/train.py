@@ -334,11 +334,11 @@ def train_step(s: Session, step: int, stop: Any) -> tuple[torch.Tensor, torch.Te
 LOG_EVERY = 32  # steps whose losses and norms are read back from the device in one go (and at evals, the end)
 
 
-class _StepLog:
+class StepLog:
     """Steps trained but not yet read back: (step, loss, norm on the device, lr, seconds). ``drain`` reads them
     in one host sync, checks them, appends train/loss to the history and logs every step's metrics."""
 
-    def __init__(self, s: Session, log: Logger, bar: _progress):
+    def __init__(self, s: Session, log: Logger, bar: Progress):
         self.s, self.log, self.bar, self.rows = s, log, bar, []
         self.tok = s.plan.tokens_per_step
         self.fpt = counting.flops_per_token(s.cfg.model, s.cfg.train.flops_rule)
@@ -370,8 +370,8 @@ def fit(s: Session, log: Logger, on_eval: Callable[[int, float, float], None] | 
     """The loop: step, log, evaluate, checkpoint. Returns (last val/loss, stopped early, loop seconds)."""
     plan = s.plan
     val_loss, stopped = float("nan"), False
-    bar = _progress(plan.steps, s.start, progress)
-    steps = _StepLog(s, log, bar)
+    bar = Progress(plan.steps, s.start, progress)
+    steps = StepLog(s, log, bar)
     t_loop = time.perf_counter()
     with runtime.stop_on_signals() as stop:
         for step in range(s.start, plan.steps):
@@ -445,7 +445,7 @@ def train(
     return finish(s, log, val_loss, stopped, loop_s)
 
 
-class _progress:
+class Progress:
     """tqdm bar with loss, tokens/s and ETA (plain when not a terminal)."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
