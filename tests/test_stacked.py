@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import io
+
+import optuna
 import pytest
 import torch
+from servers import store_runs
 
 from scaling_lab import config
 from scaling_lab.config import ModelConfig
 from scaling_lab.errors import ConfigError, StopTraining
+from scaling_lab.isoflop import resolve_search
 from scaling_lab.model import GPT, StackedGPT
+from scaling_lab.search import run_search
 from scaling_lab.stacked import clip_per_replica, train_stacked
 from scaling_lab.train import MemoryLogger, train
 
@@ -88,3 +94,45 @@ def test_only_replicas_that_differ_by_seed_stack(tiny):
         train_stacked([a, config.resolve({**tiny, "seed": "2", "lr": "1e-3"})], [MemoryLogger(), MemoryLogger()])
     with pytest.raises(ConfigError, match="'seed'"):
         train_stacked([a, a], [MemoryLogger(), MemoryLogger()])
+
+
+# --------------------------------------------------------------------------- in the search
+
+
+def _replica_runs(storage: str, store) -> dict[tuple[int, int], tuple[float, object]]:
+    """{(rung, replica): (trial value, its MLflow run)} of the COMPLETE seed-replica trials."""
+    runs = {r.info.run_id: r for r in store_runs(store)}
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    out = {}
+    for t in study.get_trials():
+        assert t.state.name == "COMPLETE", (t.number, t.state.name)
+        if t.user_attrs.get("replica"):
+            out[(t.params["rung"], t.user_attrs["replica"])] = (t.value, runs[t.user_attrs["mlflow_run_id"]])
+    return out
+
+
+def test_a_search_trains_the_seed_replicas_of_each_size_stacked(data_dir, store):
+    """A tiny real search with 2 extra seeds per size: each size's replicas train as one stacked model, each its
+    own COMPLETE trial and FINISHED child run with the tags, parameters and (within float rounding) final loss of
+    the same search with stacking off."""
+    common = {"mode": "tiny", "dataset": str(data_dir), "train_split": "test", "val_split": "validation",
+              "budgets": "6e9", "replicas": "2", "lr": "1e-3", "pruner": "none"}
+    got = {}
+    for stack in ("true", "false"):
+        storage = f"sqlite:///{store / f'optuna-{stack}.db'}"
+        run_search(resolve_search({**common, "storage": storage, "experiment": f"stack-{stack}",
+                                   "stack_replicas": stack}), out=io.StringIO())
+        got[stack] = _replica_runs(storage, store)
+    stacked_, alone = got["true"], got["false"]
+    # 2 seeds x the best size and its COMPLETE neighbours (one at an edge)
+    assert len(stacked_) in (4, 6) and set(stacked_) == set(alone)
+    for key, (value, run) in stacked_.items():
+        ref_value, ref = alone[key]
+        assert run.info.status == "FINISHED" and run.data.params["stacked_replicas"] == "2"
+        assert "stacked_replicas" not in ref.data.params
+        assert value == pytest.approx(ref_value, rel=1e-4) and value == run.data.metrics["final/val_loss"]
+        own = ("trial_number", "storage")  # each search its own storage file
+        assert {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.") and k not in own} \
+            == {k: v for k, v in ref.data.tags.items() if not k.startswith("mlflow.") and k not in own}
+        assert run.data.params["resolved.seed"] == ref.data.params["resolved.seed"] == str(1337 + key[1])
