@@ -1,14 +1,21 @@
 """A short real training run on the offline WikiText-2 text, logged to a temporary SQLite store."""
 
+import ast
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
-from scaling_lab import config, tracking
+from scaling_lab import config, runtime, tracking
 from scaling_lab.counting import make_plan
 from scaling_lab.errors import NonFiniteLoss
-from scaling_lab.train import MemoryLogger, lr_at, train
+from scaling_lab.model import GPT
+from scaling_lab.train import MemoryLogger, lr_at, setup, train
 
 
 def test_lr_schedule_warmup_then_cosine_to_ten_percent():
@@ -89,3 +96,83 @@ def test_memory_logger_run_matches_plan(tiny):
     plan = make_plan(cfg)
     assert result.steps == plan.steps == len(log.history("train/loss"))
     assert log.params["n_params_total"] == plan.counts["n_params_total"]
+
+
+# --------------------------------------------------------------------------- threads (issue 16.4)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env_without_thread_settings(store) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    return env | {"MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}", "PYTHONPATH": str(ROOT / "src")}
+
+
+def test_a_training_process_sets_a_passive_wait_policy_and_one_thread_per_physical_core(tiny, store):
+    """The main entry point, started without OMP_* settings: its run logs the policy it trained under (set before
+    torch loaded) and torch's thread count, the physical cores this process may use."""
+    cmd = [sys.executable, str(ROOT / "mlproject" / "main.py"), *[x for k, v in tiny.items() for x in (f"--{k}", v)],
+           "--experiment", "threads", "--tokens", "5120"]
+    done = subprocess.run(cmd, cwd=store, env=_env_without_thread_settings(store), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = [r for e in MlflowClient().search_experiments() for r in MlflowClient().search_runs([e.experiment_id])]
+    assert run.data.params["runtime.omp_wait_policy"] == "PASSIVE"
+    assert int(run.data.params["runtime.num_threads"]) == runtime.physical_cores() >= 1
+
+
+def test_user_thread_settings_win_and_workers_share_the_cores(store):
+    """OMP_WAIT_POLICY and OMP_NUM_THREADS the user set are kept; without them N workers get cores // N each."""
+    code = ("import scaling_lab.runtime as r; r.configure_threads(); print(r.thread_params()); "
+            "import os; os.environ.pop('OMP_NUM_THREADS'); r.configure_threads(2); print(r.thread_params())")
+    env = _env_without_thread_settings(store) | {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    user, shared = (ast.literal_eval(line) for line in done.stdout.split("\n")[:2])
+    assert user == {"runtime.omp_wait_policy": "ACTIVE", "runtime.num_threads": 1}
+    assert shared["runtime.num_threads"] == max(1, runtime.physical_cores() // 2)
+    assert runtime.physical_cores({0}) == 1
+
+
+# --------------------------------------------------------------------------- less overhead, same numbers (16.2)
+
+
+def reference_losses(cfg: config.RunConfig, steps: int) -> list[float]:
+    """The loop as it was before issue 16: AdamW foreach, clip_grad_norm_'s per-tensor norms, a float() per step;
+    same seed, same init, same batches (a pure function of seed, step and micro index)."""
+    s = setup(cfg, MemoryLogger())  # its data and micro-batching; the model below is built afresh
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), s.model.parameters()))  # same init
+    tc = cfg.train
+    opt = torch.optim.AdamW(model.param_groups(tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2), foreach=True)
+    out = []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, s.plan.steps, tc.lr, tc.warmup_frac, tc.min_lr_ratio)
+        total = 0.0
+        for k in range(s.accum):
+            x, y = s.batches.get(step, k, s.micro)
+            _, loss = model(x, y)
+            (loss / s.accum).backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out.append(total / s.accum)
+    return out
+
+
+@pytest.mark.parametrize("extra", [{}, {"micro_batch": "2", "grad_clip": "0.05"}])
+def test_same_seed_same_per_step_losses_as_the_plain_loop(tiny, extra):
+    """Losses read back in logging batches, foreach clipping in one pass: the per-step losses of the plain loop,
+    with gradient accumulation and with clipping active at every step."""
+    cfg = config.resolve({**tiny, "tokens": "40960", **extra})  # 80 steps
+    log = MemoryLogger()
+    result = train(cfg, log, progress=False)
+    ref = reference_losses(cfg, result.steps)
+    assert result.steps == 80 and len(result.history) == 80
+    assert [v for _, v in log.history("train/loss")] == result.history
+    assert max(abs(a - b) for a, b in zip(result.history, ref)) <= 1e-6
+    if extra:
+        assert all(v > 0.05 for _, v in log.history("train/grad_norm"))  # the clip acted at every step

@@ -28,7 +28,7 @@ from scaling_lab.errors import (
     TrackingUnavailable,
     WorkersDied,
 )
-from scaling_lab.runtime import dist_setup, dist_teardown, pick_device
+from scaling_lab.runtime import configure_threads, dist_setup, dist_teardown, pick_device
 from scaling_lab.train import NullLogger, checkpoint_file, resume_config, train
 
 USER_ERRORS = (ConfigError, DataUnavailable)
@@ -290,6 +290,7 @@ def _store_lost(log: tracking.RunLogger, cfg: config.RunConfig) -> int:
 
 def main_train(argv: list[str]) -> int:
     """The ``main`` entry point: resolve the config, train one run, print the summary line."""
+    configure_threads()  # torch threads = physical cores here (OMP_NUM_THREADS wins), docs/scaling-out.md
     launched = tracking.launched_run_id()  # the run `mlflow run` created and logged params into
     cfg, code = guarded(launched, lambda: _train_config(argv, launched))
     if code is not None:
@@ -369,6 +370,7 @@ def _search_checks(scfg: isoflop.SearchConfig) -> None:
 
 def main_search(argv: list[str]) -> int:
     """The ``search`` entry point: parse flags named like SearchConfig fields, run, print the table."""
+    configure_threads()  # torch threads = physical cores here (OMP_NUM_THREADS wins), docs/scaling-out.md
     launched = tracking.launched_run_id()  # the run `mlflow run` made: it records this invocation
     scfg, code = guarded(launched, lambda: _search_config(argv))
     if code is not None:
@@ -495,6 +497,7 @@ def _tune_config(argv: list[str]) -> tuning.TuneConfig:
 def main_tune(argv: list[str]) -> int:
     """The ``tune`` entry point: parse flags named like TuneConfig fields, tune every cell, fit and write the rule
     (``out``, for a search's ``hparams=<path>``), print the table."""
+    configure_threads()  # torch threads = physical cores here (OMP_NUM_THREADS wins), docs/scaling-out.md
     launched = tracking.launched_run_id()  # the run `mlflow run` made: the tuning's parent run, or a record
     tcfg, code = guarded(launched, lambda: _tune_config(argv))
     if code is not None:

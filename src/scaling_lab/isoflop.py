@@ -147,6 +147,9 @@ class SearchConfig:
     replicas: int = 0
     """Extra seeds (seed + 1, seed + 2, ...) trained for the best size and its two neighbours, each its own child
     run: the analysis averages them and measures the seed-to-seed noise."""
+    stack_replicas: bool = True
+    """Train the seed replicas of one size together as one stacked model (each still its own trial and run, the
+    same losses up to float rounding; docs/search.md)."""
     hparams: str = "fixed"
     """Learning rate and batch per trial: fixed (train.lr for every size; batch from steps_target), tuned (the
     rule fitted for this mode, docs/tuning.md), or a tuning JSON written by the tune entry point."""

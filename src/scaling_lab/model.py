@@ -24,15 +24,18 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(d, dim=2)
         # (b, n_head, t, head_dim)
         q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))
-        if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # bf16 autocast on CPU: torch's bf16 flash-attention backward is ~3x slower than fp32 here (11.5 vs 3.7 ms
-            # per layer at b16 h4 t128, benchmarks/RESULTS.md), half of a quick step; attention runs in fp32, the
-            # matmuls around it stay bf16
-            with torch.autocast("cpu", enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).to(q.dtype)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(b, t, d))
+        return self.c_proj(attend(q, k, v).transpose(1, 2).contiguous().view(b, t, d))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA over (batch, n_head, time, head_dim)."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # bf16 autocast on CPU: torch's bf16 flash-attention backward is ~3x slower than fp32 here (11.5 vs 3.7 ms
+        # per layer at b16 h4 t128, benchmarks/RESULTS.md), half of a quick step; attention runs in fp32, the
+        # matmuls around it stay bf16
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 class MLP(nn.Module):
@@ -100,4 +103,56 @@ class GPT(nn.Module):
         """AdamW groups: decay matrices (and the tied embedding), not biases or LayerNorm gains."""
         decay = [p for p in self.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.dim() < 2]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class StackedGPT(nn.Module):
+    """k GPTs of one shape (seed replicas) as one module: each weight of ``GPT`` carries a leading replica
+    dimension, every linear layer is one batched matmul over the replicas, attention runs them as extra batch
+    rows. Replica i computes exactly what its own GPT would (up to float rounding); nothing mixes replicas."""
+
+    def __init__(self, models: list[GPT]):
+        super().__init__()
+        self.cfg, self.k = models[0].cfg, len(models)
+        self.names = [n for n, _ in models[0].named_parameters()]  # the tied head appears once, as wte.weight
+        own = [dict(m.named_parameters()) for m in models]
+        self.weights = nn.ParameterList(torch.stack([o[n].detach() for o in own]).clone() for n in self.names)
+        self.index = {n: i for i, n in enumerate(self.names)}
+
+    def p(self, name: str) -> torch.Tensor:
+        """The stacked weight ``name`` of GPT (k, *its shape)."""
+        return self.weights[self.index[name]]
+
+    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:  # x (k, rows, in) -> (k, rows, out)
+        return torch.baddbmm(self.p(name + ".bias").unsqueeze(1), x, self.p(name + ".weight").transpose(1, 2))
+
+    def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:]) * self.p(name + ".weight").unsqueeze(1) + self.p(name + ".bias").unsqueeze(1)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx, targets: (k, batch, time) int64. Returns logits (k, batch * time, n_vocab) and each replica's mean
+        loss (k,)."""
+        k, b, t = idx.shape
+        d, v, nh = self.cfg.n_embd, self.cfg.n_vocab, self.cfg.n_head
+        wte = self.p("wte.weight")  # (k, V, d); also the tied output head
+        offsets = (torch.arange(k, device=idx.device) * v).view(k, 1, 1)  # replica i's rows of the flat table
+        x = F.embedding(idx + offsets, wte.reshape(k * v, d)) + self.p("wpe.weight")[:, None, :t]  # (k, b, t, d)
+        x = x.reshape(k, b * t, d)
+        for i in range(self.cfg.n_layer):
+            pre = f"blocks.{i}."
+            q, kk, vv = self._linear(self._norm(x, pre + "ln_1"), pre + "attn.c_attn").split(d, dim=2)
+            q, kk, vv = (z.reshape(k * b, t, nh, d // nh).transpose(1, 2) for z in (q, kk, vv))
+            y = attend(q, kk, vv).transpose(1, 2).reshape(k, b * t, d)
+            x = x + self._linear(y, pre + "attn.c_proj")
+            x = x + self._linear(F.gelu(self._linear(self._norm(x, pre + "ln_2"), pre + "mlp.c_fc")), pre + "mlp.c_proj")
+        logits = torch.bmm(self._norm(x, "ln_f"), wte.transpose(1, 2))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, v), targets.reshape(-1), reduction="none").view(k, -1).mean(1)
+        return logits, loss
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """GPT's AdamW groups, stacked: decay what is a matrix in one replica."""
+        decay = [p for p in self.weights if p.dim() >= 3]
+        no_decay = [p for p in self.weights if p.dim() < 3]
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -99,6 +99,42 @@ def sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+# --------------------------------------------------------------------------- threads
+
+
+def physical_cores(cpus: set[int] | None = None) -> int:
+    """Physical cores among the CPUs this process may run on (os.sched_getaffinity; the hyper-threads of one
+    core count once)."""
+    if cpus is None:
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    for c in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{c}/topology")
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:  # no sysfs (macOS, containers): one core per CPU
+            cores.add(("cpu", str(c)))
+    return max(1, len(cores))
+
+
+def configure_threads(share: int = 0) -> int:
+    """torch's intra-op threads for this process: OMP_NUM_THREADS when the user set it, else the physical cores
+    it may use divided by ``share`` (processes sharing them; 0 = torchrun's LOCAL_WORLD_SIZE, else 1). The wait
+    policy is set before torch loads (scaling_lab/__init__.py). Returns the thread count."""
+    user = os.environ.get("OMP_NUM_THREADS", "").strip()
+    share = share or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    n = int(user) if user.isdigit() and int(user) > 0 else max(1, physical_cores() // max(1, share))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def thread_params() -> dict[str, object]:
+    """What a run logs about its threads: the OpenMP wait policy and torch's thread count."""
+    return {"runtime.omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "unset",
+            "runtime.num_threads": torch.get_num_threads()}
+
+
 # --------------------------------------------------------------------------- signals
 
 

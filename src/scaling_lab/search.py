@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import TextIO
 
 import optuna
-import torch
 from tqdm import tqdm
 
-from scaling_lab import config, data, figures, studies, tracking
+from scaling_lab import config, data, figures, groups, runtime, studies, tracking
 from scaling_lab.config import RunConfig
 from scaling_lab.counting import make_plan
 from scaling_lab.errors import Interrupted, StopTraining, WorkersDied
@@ -60,7 +59,8 @@ class Objective:
     def __init__(self, scfg: SearchConfig, plan: BudgetPlan, parent_run_id: str):
         self.scfg, self.plan, self.parent_run_id = scfg, plan, parent_run_id
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def prepare(self, trial: optuna.Trial) -> tuple[RunConfig, dict, int]:
+        """The trial's training config, its run's tags and its family position; its user attributes set."""
         scfg, plan = self.scfg, self.plan
         lo, hi = trial.study.user_attrs.get("range_lo", plan.lo), trial.study.user_attrs.get("range_hi", plan.hi)
         rung = trial.suggest_int("rung", lo, hi)
@@ -81,6 +81,11 @@ class Objective:
                 "flops_rule": scfg.flops_rule, "trial_number": trial.number, "allocation": allocation,
                 "storage": tracking.masked(scfg.storage), "replica": replica, "seed": cfg.train.seed,
                 "hparams": scfg.hyper_rule().source}
+        return cfg, tags, rung
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        scfg = self.scfg
+        cfg, tags, rung = self.prepare(trial)
         twin = _finished_twin(trial, rung)
         if twin is not None:  # same size already trained (e.g. both seeds at one size): reuse its result
             with tracking.run(scfg.experiment, cfg.run_name, parent_run_id=self.parent_run_id, tags=tags,
@@ -164,6 +169,7 @@ def optimize_loop(scfg: SearchConfig, plan: BudgetPlan, parent_run_id: str, targ
 
     started, seen = 0, set()
     while started < 2 * target:
+        before = len(taken)
         studies.close_failed_trials(study, seen)
         with lock:
             states = [t.state.name for t in study.get_trials(deepcopy=False)]
@@ -173,7 +179,11 @@ def optimize_loop(scfg: SearchConfig, plan: BudgetPlan, parent_run_id: str, targ
                 action = "stop"
             elif (waiting > 0) if scfg.sampler == "grid" else (finished + running < target):
                 action = "run"
-                study.optimize(take, n_trials=1, catch=(Exception,), gc_after_trial=True)
+                group = groups.waiting_group(study) if scfg.stack_replicas else []
+                if group:  # seed replicas of one size: trained together as one stacked model
+                    taken += groups.run_group(study, objective, group, lock)
+                else:
+                    study.optimize(take, n_trials=1, catch=(Exception,), gc_after_trial=True)
             else:  # other workers' trials: they finish, or turn FAIL (heartbeat) and are queued again
                 action = "wait" if running else "stop"
         if action == "stop":
@@ -182,17 +192,17 @@ def optimize_loop(scfg: SearchConfig, plan: BudgetPlan, parent_run_id: str, targ
             time.sleep(min(HEARTBEAT_S, POLL_S))
             continue
         started += 1
-        if scfg.sampler == "grid" and taken:
-            studies.retry_failed_once(study, taken[-1], lock)
-        if on_trial is not None:
-            on_trial(study)
+        for number in taken[before:] if scfg.sampler == "grid" else ():
+            studies.retry_failed_once(study, number, lock)
+        for _ in taken[before:] or [None]:
+            if on_trial is not None:
+                on_trial(study)
     studies.close_failed_trials(study, seen)
 
 
 def _worker_main(scfg: SearchConfig, plan: BudgetPlan, parent_run_id: str, target: int) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if "OMP_NUM_THREADS" not in os.environ:  # share the cores: N workers x all cores would oversubscribe them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // scfg.workers))
+    runtime.configure_threads(scfg.workers)  # share the cores: N workers x all cores would oversubscribe them
     optimize_loop(scfg, plan, parent_run_id, target)
 
 

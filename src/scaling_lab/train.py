@@ -286,7 +286,7 @@ def setup(cfg: RunConfig, log: Logger) -> Session:
                        | {"n_vocab": m.n_vocab, "micro_batch_used": micro, "grad_accum": accum,
                           "epochs": round(s.epochs, 4), "train_split_tokens": len(train_tokens.ids),
                           "device_used": str(device), "dtype_used": str(dtype).replace("torch.", ""),
-                          "compile_used": compile_on})
+                          "compile_used": compile_on} | runtime.thread_params())
         log.set_tags({"mode": cfg.mode, "dataset": cfg.data.dataset, "device": str(device)})
         for split, toks, context in ((cfg.data.train_split, train_tokens, "train"),
                                      (cfg.data.val_split, val_tokens, "validation")):
@@ -329,9 +329,10 @@ def evaluate(s: Session) -> float:
     return runtime.sum_over_processes(torch.tensor([total]), s.world, s.device)[0].item() / len(s.val_x)
 
 
-def train_step(s: Session, step: int, stop: Any) -> tuple[float, float, float]:
+def train_step(s: Session, step: int, stop: Any) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One optimizer step (0-based ``step``): set lr, accumulate this process's micro-batches, clip, update.
-    Returns (train/loss averaged over the whole batch, gradient norm, lr)."""
+    Returns (train/loss averaged over the whole batch, gradient norm, lr); loss and norm stay on the device (no
+    host sync: ``fit`` reads them back in its logging batch)."""
     tc = s.cfg.train
     lr = lr_at(step, s.plan.steps, tc.lr, tc.warmup_frac, tc.min_lr_ratio)
     for group in s.optimizer.param_groups:
@@ -346,40 +347,70 @@ def train_step(s: Session, step: int, stop: Any) -> tuple[float, float, float]:
                 _, loss = s.fwd(x, y)
             (loss / len(s.mine)).backward()  # DDP averages over processes: the mean over all accum
         loss_sum += loss.detach()
-    norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), tc.grad_clip if tc.grad_clip else math.inf)
-    s.optimizer.step()
+    # one pass over all gradients for the norm (foreach kernels, CPU included), one to scale them
+    norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), tc.grad_clip if tc.grad_clip else math.inf,
+                                          foreach=True)
+    s.optimizer.step()  # AdamW foreach (fused on CUDA); CPU fused changes the numbers, so not used there
     s.optimizer.zero_grad(set_to_none=True)
-    # one collective per step: the loss summed over processes, and whether any process got a signal
-    loss_sum, stop_any = runtime.sum_over_processes(
-        torch.stack([loss_sum.float().cpu(), torch.tensor(float(stop.is_set()))]), s.world, s.device)
-    if stop_any > 0:
-        stop.set()
-    return float(loss_sum) / s.accum, float(norm), lr  # float(): the one host sync per step
+    if s.world > 1:  # one collective per step: the loss summed over processes, and whether any got a signal
+        loss_sum, stop_any = runtime.sum_over_processes(
+            torch.stack([loss_sum.float().cpu(), torch.tensor(float(stop.is_set()))]), s.world, s.device)
+        if stop_any > 0:
+            stop.set()
+    return loss_sum / s.accum, norm.detach(), lr
+
+
+LOG_EVERY = 32  # steps whose losses and norms are read back from the device in one go (and at evals, the end)
+
+
+class StepLog:
+    """Steps trained but not yet read back: (step, loss, norm on the device, lr, seconds). ``drain`` reads them
+    in one host sync, checks them, appends train/loss to the history and logs every step's metrics."""
+
+    def __init__(self, s: Session, log: Logger, bar: Progress):
+        self.s, self.log, self.bar, self.rows = s, log, bar, []
+        self.tok = s.plan.tokens_per_step
+        self.fpt = counting.flops_per_token(s.cfg.model, s.cfg.train.flops_rule)
+
+    def add(self, done: int, loss: torch.Tensor, norm: torch.Tensor, lr: float, dt: float) -> None:
+        self.rows.append((done, loss, norm, lr, dt))
+        if len(self.rows) >= LOG_EVERY:
+            self.drain()
+
+    def drain(self) -> None:
+        if not self.rows:
+            return
+        vals = torch.stack([t.float() for r in self.rows for t in r[1:3]]).tolist()  # the one host sync
+        rows, self.rows = self.rows, []
+        for i, (done, _, _, lr, dt) in enumerate(rows):
+            train_loss, norm = vals[2 * i], vals[2 * i + 1]
+            if not math.isfinite(train_loss):
+                raise NonFiniteLoss(f"train/loss is {train_loss} at step {done}")
+            self.s.history.append(train_loss)
+            self.log.log_metrics({"train/loss": train_loss, "train/lr": lr, "train/grad_norm": norm,
+                                  "progress/tokens_seen": done * self.tok,
+                                  "progress/flops_seen": done * self.tok * self.fpt,
+                                  "perf/step_time_ms": dt * 1000, "perf/tokens_per_s": self.tok / dt}, step=done)
+            self.bar.update(train_loss, self.tok / dt)
 
 
 def fit(s: Session, log: Logger, on_eval: Callable[[int, float, float], None] | None = None,
         progress: bool = True) -> tuple[float, bool, float]:
     """The loop: step, log, evaluate, checkpoint. Returns (last val/loss, stopped early, loop seconds)."""
-    m, tc, plan = s.cfg.model, s.cfg.train, s.plan
-    tok_per_step = plan.tokens_per_step
-    flops_per_token = counting.flops_per_token(m, tc.flops_rule)
+    plan = s.plan
     val_loss, stopped = float("nan"), False
-    bar = _progress(plan.steps, s.start, progress)
+    bar = Progress(plan.steps, s.start, progress)
+    steps = StepLog(s, log, bar)
     t_loop = time.perf_counter()
     with runtime.stop_on_signals() as stop:
         for step in range(s.start, plan.steps):
             ts = time.perf_counter()
-            train_loss, norm, lr = train_step(s, step, stop)
+            loss, norm, lr = train_step(s, step, stop)
             done = step + 1
-            if not math.isfinite(train_loss):
-                raise NonFiniteLoss(f"train/loss is {train_loss} at step {done}")
-            s.history.append(train_loss)
-            dt = time.perf_counter() - ts
-            log.log_metrics({"train/loss": train_loss, "train/lr": lr, "train/grad_norm": norm,
-                             "progress/tokens_seen": done * tok_per_step,
-                             "progress/flops_seen": done * tok_per_step * flops_per_token,
-                             "perf/step_time_ms": dt * 1000, "perf/tokens_per_s": tok_per_step / dt}, step=done)
-            bar.update(train_loss, tok_per_step / dt)
+            steps.add(done, loss, norm, lr, time.perf_counter() - ts)
+            at_ckpt = (done % plan.checkpoint_every == 0) if plan.checkpoint_every else done in plan.eval_steps
+            if done in plan.eval_steps or at_ckpt or stop.is_set():
+                steps.drain()  # history and metrics complete up to here (and a non-finite loss raised)
             if done in plan.eval_steps:
                 val_loss = evaluate(s)
                 log.log_metrics({"val/loss": val_loss,
@@ -392,13 +423,13 @@ def fit(s: Session, log: Logger, on_eval: Callable[[int, float, float], None] | 
                     except StopTraining:
                         stopped = True
                         break
-            at_ckpt = (done % plan.checkpoint_every == 0) if plan.checkpoint_every else done in plan.eval_steps
             if ((at_ckpt and done < plan.steps) or stop.is_set()) and s.rank == 0:
                 log.flush(raise_on_error=False)  # stored history reaches the checkpoint (kill -9 leaves no gap)
                 checkpoint(s, log, done)
             if stop.is_set():
                 bar.close()
                 raise Interrupted(f"signal at step {done}; checkpoint {s.ckpt}")
+        steps.drain()
     bar.close()
     return val_loss, stopped, time.perf_counter() - t_loop
 
@@ -445,7 +476,7 @@ def train(
     return finish(s, log, val_loss, stopped, loop_s)
 
 
-class _progress:
+class Progress:
     """tqdm bar with loss, tokens/s and ETA (plain when not a terminal)."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
