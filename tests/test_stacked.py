@@ -135,4 +135,4 @@ def test_a_search_trains_the_seed_replicas_of_each_size_stacked(data_dir, store)
         own = ("trial_number", "storage")  # each search its own storage file
         assert {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.") and k not in own} \
             == {k: v for k, v in ref.data.tags.items() if not k.startswith("mlflow.") and k not in own}
-        assert run.data.params["resolved.seed"] == ref.data.params["resolved.seed"] == str(1337 + key[1])
+        assert run.data.params["seed"] == ref.data.params["seed"] == str(1337 + key[1])
