@@ -392,3 +392,42 @@ def test_doctor_checks_a_journal_storage(tmp_path):
     assert check.status == "ok" and "journal log" in check.detail
     bad = doctor.check_storage(f"journal:///{tmp_path / 'no' / 'optuna.log'}")
     assert bad.status == "FAIL" and "journal:///" in bad.fix
+
+
+@pytest.mark.slow
+def test_journal_worker_killed_mid_trial_the_other_finishes_the_study(data_dir, tmp_path):
+    """kill -9 one of two workers on a journal storage mid-trial: no heartbeat will fail its trial, so the other
+    worker does (the pid is gone), runs the size again and completes the study instead of waiting forever."""
+    import optuna
+
+    url = f"journal:///{tmp_path / 'optuna.log'}"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    proc = launch(search_args(data_dir, url, workers="2", pad="0", experiment="jkill"), tmp_path,
+                  cmd=[sys.executable, str(SEARCH)], name="search-jkill")
+
+    def running_trial():
+        try:
+            (s,) = optuna.get_all_study_summaries(make_storage(url))
+        except ValueError:
+            return None
+        for t in optuna.load_study(study_name=s.study_name, storage=make_storage(url)).get_trials():
+            run_id = t.user_attrs.get("mlflow_run_id")
+            if t.state.name == "RUNNING" and run_id and "worker" in t.user_attrs and steps_of(client, run_id, "train/loss"):
+                return t
+        return None
+
+    victim = wait_for(running_trial, proc, what="a running trial")
+    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    rc, out = finish(proc, timeout=300)
+    assert rc == 0, out[-3000:]
+    assert "workers died" in out
+    (s,) = optuna.get_all_study_summaries(make_storage(url))
+    trials = optuna.load_study(study_name=s.study_name, storage=make_storage(url)).get_trials()
+    by_number = {t.number: t for t in trials}
+    assert by_number[victim.number].state.name == "FAIL"
+    (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == victim.number]
+    assert retry.state.name in ("COMPLETE", "PRUNED") and retry.params["rung"] == victim.params["rung"]
+    assert retry.user_attrs["allocation"] == victim.user_attrs["allocation"]
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    killed = client.get_run(victim.user_attrs["mlflow_run_id"])
+    assert killed.info.status == "KILLED" and killed.data.tags["trial_state"] == "FAIL"

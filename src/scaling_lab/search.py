@@ -206,7 +206,7 @@ def run_workers(scfg: SearchConfig, plan: BudgetPlan, parent_run_id: str, target
     for p in procs:
         p.start()
     seen = count(study, ("COMPLETE", "PRUNED"))
-    while any(p.is_alive() for p in procs):
+    while any([p.is_alive() for p in procs]):  # every one asked: is_alive() reaps a dead worker (no zombie)
         time.sleep(2.0)
         now = count(study, ("COMPLETE", "PRUNED"))
         bar.update(max(0, now - seen))

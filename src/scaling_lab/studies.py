@@ -285,7 +285,10 @@ def _dead_here(worker: str) -> bool:
         return True
     except PermissionError:  # alive, another user's
         return False
-    return False
+    try:  # a killed worker its parent has not reaped yet is a zombie: gone, though kill(pid, 0) succeeds
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def fail_stale_running(study, reason: str) -> dict[int, str]:
@@ -372,8 +375,9 @@ def close_failed_trials(study, seen: set[int] | None = None) -> list[int]:
 def retry_failed_once(study, number: int, lock: StudyLock) -> bool:
     """A grid trial that raised (a transient error such as a locked database, or a real bug) would leave a hole in
     its isoFLOP curve: queue its size once more, unless it is itself such a retry or the size is queued, running or
-    done. The failed trial keeps its error (user attribute ``error``, its run FAILED); the copy names it in
-    ``retry_of``. Returns whether a copy was queued."""
+    done for the same allocation (twin anchors on one size each need their own trial). The failed trial keeps its
+    error (user attribute ``error``, its run FAILED); the copy names it in ``retry_of``. Returns whether a copy
+    was queued."""
     t = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
     if t is None or t.state.name != "FAIL" or "retry_of" in t.user_attrs or "failed_trial" in t.system_attrs:
         return False
@@ -381,9 +385,11 @@ def retry_failed_once(study, number: int, lock: StudyLock) -> bool:
     if rung is None:
         return False
     with lock:
-        if key_of(t) in {key_of(x) for x in study.get_trials(deepcopy=False) if x.state.name in ACTIVE}:
+        alloc = t.user_attrs.get("allocation", "search")
+        if (key_of(t), alloc) in {(key_of(x), x.user_attrs.get("allocation", "search"))
+                                  for x in study.get_trials(deepcopy=False) if x.state.name in ACTIVE}:
             return False
-        attrs = {"allocation": t.user_attrs.get("allocation", "search"), "retry_of": number}
+        attrs = {"allocation": alloc, "retry_of": number}
         study.enqueue_trial({"rung": rung}, user_attrs=attrs | ({"replica": replica_of(t)} if replica_of(t) else {}))
     why = t.user_attrs.get("error") or t.system_attrs.get("fail_reason") or "see the log above"
     print(f"  {study.study_name}: trial {number} (n_embd {t.user_attrs.get('n_embd', '?')}) failed "
