@@ -38,7 +38,7 @@ HEARTBEAT_S = int(os.environ.get("SCALING_LAB_HEARTBEAT_S", "30"))
 GRACE_S = int(os.environ.get("SCALING_LAB_GRACE_S", "120"))
 ACTIVE = ("COMPLETE", "PRUNED", "WAITING", "RUNNING")
 JOURNAL = "journal:///"  # journal:///optuna.log (relative) or journal:////abs/optuna.log, as sqlite:/// URLs
-ARTIFACTS_ENV = "SCALING_LAB_OPTUNA_ARTIFACTS"  # folder of the Optuna artifact store (server storages: needed)
+ARTIFACTS_ENV = "SCALING_LAB_OPTUNA_ARTIFACTS"  # the Optuna artifact store's folder, for any storage
 
 
 def journal_path(url: str) -> str | None:
