@@ -1,5 +1,6 @@
 """Scaling out on real engines: torchrun (DDP, gloo on CPU), an `mlflow server` over HTTP (with an outage
-mid-run), and Optuna studies shared by several search workers through a private PostgreSQL cluster."""
+mid-run), and Optuna studies shared by several search workers through a private PostgreSQL cluster or, on one
+machine, an Optuna journal file."""
 
 from __future__ import annotations
 
@@ -27,9 +28,15 @@ from servers import (
     wait_for,
 )
 
-from scaling_lab import config
+from scaling_lab import config, doctor
 from scaling_lab.isoflop import plan_budget, resolve_search
-from scaling_lab.studies import StudyLock, make_storage, storage_url, target_trials
+from scaling_lab.studies import (
+    StudyLock,
+    fail_dead_workers,
+    make_storage,
+    storage_url,
+    target_trials,
+)
 from scaling_lab.train import MemoryLogger, train
 
 # --------------------------------------------------------------------------- torchrun
@@ -289,13 +296,13 @@ with StudyLock(sys.argv[1], "contended"):
 """
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("backend", ["sqlite", "journal", "postgresql"])
 def test_study_lock_excludes_another_process_until_released(backend, tmp_path, request):
     import subprocess
 
 
-    url = (f"sqlite:///{tmp_path / 'optuna.db'}" if backend == "sqlite"
-           else request.getfixturevalue("postgres").create_db("lock"))
+    url = {"sqlite": f"sqlite:///{tmp_path / 'optuna.db'}", "journal": f"journal:///{tmp_path / 'optuna.log'}"}.get(
+        backend) or request.getfixturevalue("postgres").create_db("lock")
     with StudyLock(url, "contended"):
         other = subprocess.Popen([sys.executable, "-c", _HOLD, url], stdout=subprocess.PIPE, text=True)
         time.sleep(4.0)  # long enough for the other process to import and ask for the lock
@@ -306,3 +313,121 @@ def test_study_lock_excludes_another_process_until_released(backend, tmp_path, r
     if backend == "postgresql":  # one lock per study name (SQLite: one per database file)
         with StudyLock(url, "another study"), StudyLock(url, "contended"):
             pass
+
+
+# --------------------------------------------------------------------------- journal file: workers on one machine
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_journal_study_and_a_rerun_reuses_it(data_dir, tmp_path):
+    """storage=journal:///<file>: Optuna's JournalStorage on a file, no database server; two workers of one
+    command finish the study with each trial once, and the same command again continues it (nothing new)."""
+    import optuna
+
+    log = tmp_path / "optuna.log"
+    url = f"journal:///{log}"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    args = search_args(data_dir, url, workers="2", experiment="journal")
+    rc, out = finish(launch(args, tmp_path, cmd=[sys.executable, str(SEARCH)], name="search-journal"), timeout=500)
+    assert rc == 0, out[-3000:]
+    assert f"optuna-dashboard {log} --artifact-dir {tmp_path / 'optuna-artifacts'}" in out
+    storage = make_storage(url)
+    assert isinstance(storage, optuna.storages.JournalStorage)
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    trials = study.get_trials()
+    assert len({t.number for t in trials}) == len(trials)
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    scfg = resolve_search(args)
+    assert len(finished) == target_trials(scfg, plan_budget(scfg, 2e9), study)  # no extra sampled trial
+    assert sorted(t.user_attrs["allocation"] for t in finished if t.user_attrs["allocation"] != "search") == [
+        "chinchilla", "kaplan"]
+    assert all(t.params["n_params_total"] == t.user_attrs["n_params_total"] for t in finished)
+    (meta,) = optuna.artifacts.get_all_artifact_meta(study)  # the figure beside the log file
+    assert (tmp_path / "optuna-artifacts" / meta.artifact_id).exists()
+    children = [r for r in all_runs(client) if r.data.tags.get("scaling_lab.kind") == "trial"]
+    assert sorted(int(r.data.tags["trial_number"]) for r in children) == sorted(t.number for t in trials)
+
+    rc, out = finish(launch(args, tmp_path, cmd=[sys.executable, str(SEARCH)], name="search-journal-2"), timeout=300)
+    assert rc == 0, out[-3000:]
+    again = optuna.load_study(study_name=summary.study_name, storage=make_storage(url))
+    assert [(t.number, t.state) for t in again.get_trials()] == [(t.number, t.state) for t in trials]
+    parents = [r for r in all_runs(client) if r.data.tags.get("scaling_lab.kind") == "study"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the re-run reused the study's parent run
+
+
+def test_journal_worker_that_died_mid_trial_is_failed_and_its_size_queued_once(tmp_path):
+    """No heartbeats on a journal file: a worker loop fails the RUNNING trials of this machine's dead processes
+    and queues their size once; a live worker's trial is left alone."""
+    import socket
+    import subprocess
+
+    import optuna
+
+    url = f"journal:///{tmp_path / 'optuna.log'}"
+    study = optuna.create_study(study_name="dead", storage=make_storage(url))
+    for rung in (2, 3):
+        study.enqueue_trial({"rung": rung}, user_attrs={"allocation": "search"})
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead, alive = study.ask(), study.ask()
+    dead.set_user_attr("worker", f"{socket.gethostname()}:{gone.pid}")
+    alive.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    lock = StudyLock(url, "dead")
+    assert fail_dead_workers(study, lock) == [dead.number]
+    assert fail_dead_workers(study, lock) == []  # once
+    trials = {t.number: t for t in optuna.load_study(study_name="dead", storage=make_storage(url)).get_trials()}
+    assert trials[dead.number].state.name == "FAIL" and trials[alive.number].state.name == "RUNNING"
+    (copy,) = [t for t in trials.values() if t.state.name == "WAITING"]
+    assert copy.system_attrs["fixed_params"] == {"rung": 2} and copy.user_attrs["retry_of"] == dead.number
+    rdb = optuna.create_study(study_name="rdb", storage=make_storage(f"sqlite:///{tmp_path / 'o.db'}"))
+    assert fail_dead_workers(rdb, StudyLock(f"sqlite:///{tmp_path / 'o.db'}", "rdb")) == []  # heartbeats do it
+
+
+def test_doctor_checks_a_journal_storage(tmp_path):
+    assert doctor.check_storage(f"journal:///{tmp_path / 'optuna.log'}").status == "ok"  # not created yet
+    make_storage(f"journal:///{tmp_path / 'optuna.log'}")
+    check = doctor.check_storage(f"journal:///{tmp_path / 'optuna.log'}")
+    assert check.status == "ok" and "journal log" in check.detail
+    bad = doctor.check_storage(f"journal:///{tmp_path / 'no' / 'optuna.log'}")
+    assert bad.status == "FAIL" and "journal:///" in bad.fix
+
+
+@pytest.mark.slow
+def test_journal_worker_killed_mid_trial_the_other_finishes_the_study(data_dir, tmp_path):
+    """kill -9 one of two workers on a journal storage mid-trial: no heartbeat will fail its trial, so the other
+    worker does (the pid is gone), runs the size again and completes the study instead of waiting forever."""
+    import optuna
+
+    url = f"journal:///{tmp_path / 'optuna.log'}"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    proc = launch(search_args(data_dir, url, workers="2", pad="0", experiment="jkill"), tmp_path,
+                  cmd=[sys.executable, str(SEARCH)], name="search-jkill")
+
+    def running_trial():
+        try:
+            (s,) = optuna.get_all_study_summaries(make_storage(url))
+        except ValueError:
+            return None
+        for t in optuna.load_study(study_name=s.study_name, storage=make_storage(url)).get_trials():
+            run_id = t.user_attrs.get("mlflow_run_id")
+            if t.state.name == "RUNNING" and run_id and "worker" in t.user_attrs and steps_of(client, run_id, "train/loss"):
+                return t
+        return None
+
+    victim = wait_for(running_trial, proc, what="a running trial")
+    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    rc, out = finish(proc, timeout=300)
+    assert rc == 0, out[-3000:]
+    assert "workers died" in out
+    (s,) = optuna.get_all_study_summaries(make_storage(url))
+    trials = optuna.load_study(study_name=s.study_name, storage=make_storage(url)).get_trials()
+    by_number = {t.number: t for t in trials}
+    assert by_number[victim.number].state.name == "FAIL"
+    (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == victim.number]
+    assert retry.state.name in ("COMPLETE", "PRUNED") and retry.params["rung"] == victim.params["rung"]
+    assert retry.user_attrs["allocation"] == victim.user_attrs["allocation"]
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    killed = client.get_run(victim.user_attrs["mlflow_run_id"])
+    assert killed.info.status == "KILLED" and killed.data.tags["trial_state"] == "FAIL"

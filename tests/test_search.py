@@ -31,7 +31,16 @@ from scaling_lab.isoflop import (
     trial_config,
 )
 from scaling_lab.search import run_search, widen_once
-from scaling_lab.studies import StudyLock, fail_stale_running, make_storage, retry_failed_once
+from scaling_lab.studies import (
+    BracketPruner,
+    StudyLock,
+    artifact_dir,
+    fail_stale_running,
+    load_study,
+    make_sampler,
+    make_storage,
+    retry_failed_once,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,7 +156,18 @@ def test_tiny_search_studies_seeds_and_child_runs(tiny_search, store, capsys):
         arts = [a.path for a in _client(store).list_artifacts(parent.info.run_id)]
         assert "loss_vs_n.png" in arts
         assert f"{res.budget:.3g}" in out
+        for t in trials:  # the size is a (derived, log-scale) parameter beside the searched rung: plots read in N
+            assert t.params["n_params_total"] == t.user_attrs["n_params_total"] > 0 and "rung" in t.params
+            assert t.distributions["n_params_total"].log
+        (meta,) = optuna.artifacts.get_all_artifact_meta(study)  # the study's figure in Optuna's artifact store
+        assert meta.filename == "loss_vs_n.png" and meta.mimetype == "image/png"
+        assert (store / "optuna-artifacts" / meta.artifact_id).read_bytes()[:4] == b"\x89PNG"
     assert "kaplan loss" in out and "chinchilla loss" in out and "winner" in out
+    assert f"--artifact-dir {store / 'optuna-artifacts'}" in out
+    before = {name: (len(s.get_trials()), optuna.artifacts.get_all_artifact_meta(s)) for name, s in studies.items()}
+    run_search(scfg)  # a re-run of the finished search trains nothing and replaces each figure, not adds one
+    assert {name: (len(s.get_trials()), optuna.artifacts.get_all_artifact_meta(s))
+            for name, s in _studies(storage).items()} == before
 
 
 def test_pruned_trial_recorded_pruned_with_partial_curve(tiny_search, store):
@@ -223,6 +243,59 @@ def test_rerun_after_sigkill_resumes_without_duplicates(tiny_search, store):
 
 
 
+@pytest.mark.slow
+def test_anchor_killed_mid_trial_runs_first_on_rerun_and_is_never_pruned(tiny_search, store, capsys):
+    """kill -9 while the Kaplan-seeded trial (trial 0) trains. The re-run fails it and queues Kaplan again, behind
+    the grid sizes already waiting; the anchors still run before any search trial, and a pruner that would stop
+    every trial at its first report (wrapped as the search wraps its pruner) stops neither anchor: the table gives
+    both losses and a winner."""
+    storage = tiny_search["storage"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}", "PYTHONPATH": str(ROOT / "src")}
+    over = {**tiny_search, "budgets": "6e9", "pad": "3"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "mlproject" / "search.py"), *_args(over)], cwd=store, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def kaplan_training() -> bool:
+        try:
+            trials = [t for s in _studies(storage).values() for t in s.get_trials(deepcopy=False)]
+        except Exception:
+            return False
+        return any(t.state.name == "RUNNING" and t.user_attrs.get("allocation") == "kaplan"
+                   and "mlflow_run_id" in t.user_attrs for t in trials)
+
+    try:
+        assert _wait_for(kaplan_training, 180), "the Kaplan-seeded trial was not seen running"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    (study,) = _studies(storage).values()
+    (killed,) = [t for t in study.get_trials() if t.state.name == "RUNNING"]
+    waiting = [t.number for t in study.get_trials() if t.state.name == "WAITING"]
+    assert killed.user_attrs["allocation"] == "kaplan" and len(waiting) >= 3
+
+    scfg = resolve_search(over)
+    eager = BracketPruner(optuna.pruners.ThresholdPruner(upper=0.0), scfg.bracket)  # any loss prunes, but anchors
+    (res,) = run_search(scfg, pruner=eager)
+    out = capsys.readouterr().out
+    assert "left RUNNING by a killed process" in out
+    trials = study.get_trials()
+    retry = [t for t in trials if t.user_attrs.get("allocation") == "kaplan" and t.number != killed.number]
+    assert len(retry) == 1 and retry[0].number > max(waiting)  # queued behind the waiting sizes ...
+    assert retry[0].params["rung"] == killed.params["rung"] and retry[0].state.name == "COMPLETE"
+    rerun = sorted((t for t in trials if t.number in waiting or t.number == retry[0].number),
+                   key=lambda t: t.datetime_start)
+    allocs = [t.user_attrs["allocation"] for t in rerun]
+    assert sorted(allocs[:2]) == ["chinchilla", "kaplan"] and set(allocs[2:]) == {"search"}  # ... yet ran first
+    assert all(t.state.name == "COMPLETE" for t in rerun[:2])  # never pruned
+    assert (res.kaplan_state, res.chinchilla_state) == ("COMPLETE", "COMPLETE") and res.winner
+    assert res.kaplan_loss == retry[0].value
+    row = next(ln for ln in out.splitlines() if ln.strip().startswith(f"{res.budget:.3g}"))
+    assert f"{res.kaplan_loss:.4f}" in row and f"{res.chinchilla_loss:.4f}" in row and res.winner in row
+    old = _client(store).get_run(killed.user_attrs["mlflow_run_id"])
+    assert old.info.status == "KILLED" and old.data.tags["trial_state"] == "FAIL"
+    assert _client(store).get_run(retry[0].user_attrs["mlflow_run_id"]).info.status == "FINISHED"
+
+
 def test_rerun_fails_only_trials_of_dead_processes_on_this_machine(tmp_path):
     """A re-run on SQLite fails at once the RUNNING trials of a dead process here; trials of live workers or of
     other machines (another `search` command on the same study) are left to the heartbeat."""
@@ -279,6 +352,9 @@ BAD = [
     ({"storage": "nosuchdb://host/x"}, "storage"),
     ({"storage": "postgresql://"}, "storage"),
     ({"workers": "2"}, "workers"),  # SQLite is for one worker
+    ({"storage": "journal://optuna.log"}, "storage"),  # journal:///<file>, three slashes as sqlite:///
+    ({"storage": "journal:///"}, "storage"),
+    ({"storage": "journal:////no/such/folder/optuna.log"}, "storage"),  # found when the storage opens
     ({"trials": "1"}, "trials"),
     ({"mode": "huge"}, "mode"),
     ({"no_such_flag": "1"}, "no_such_flag"),
@@ -403,3 +479,72 @@ def test_search_widens_until_bracketed_and_trains_seed_replicas(tiny_search, sto
     runs = table.runs
     std, sizes = analyze.seed_noise(np.zeros(len(runs)), runs["n_params_total"].to_numpy(), runs["loss"].to_numpy())
     assert sizes == 3 and std == pytest.approx(pooled, rel=1e-6)  # the analysis averages and measures the same
+
+
+def test_storage_messages_name_journal_and_workers_may_share_a_journal(tmp_path):
+    with pytest.raises(config.ConfigError, match="journal:///optuna.log") as e:
+        resolve_search({"mode": "tiny", "workers": "2"})
+    assert "postgresql://" in str(e.value)
+    with pytest.raises(config.ConfigError, match="journal:///optuna.log"):
+        resolve_search({"mode": "tiny", "storage": "nosuchdb://host/x"})
+    scfg = resolve_search({"mode": "tiny", "workers": "2", "storage": f"journal:///{tmp_path / 'o.log'}"})
+    assert scfg.workers == 2
+    assert artifact_dir(scfg.storage) == tmp_path / "optuna-artifacts"  # beside the log, as beside a .db
+    assert artifact_dir(f"sqlite:///{tmp_path / 'x' / 'o.db'}") == tmp_path / "x" / "optuna-artifacts"
+
+
+@pytest.mark.parametrize("workers,storage,liar", [(1, "sqlite:///o.db", False), (2, "journal:///o.log", True),
+                                                  (1, "postgresql://u@h/db", True)])
+def test_tpe_uses_constant_liar_when_trials_run_in_parallel(workers, storage, liar):
+    sampler = make_sampler(resolve_search({"mode": "tiny", "sampler": "tpe", "workers": str(workers),
+                                           "storage": storage}))
+    assert isinstance(sampler, optuna.samplers.TPESampler) and sampler._constant_liar is liar
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask() outside optimize() with heartbeats on
+def test_a_queued_anchor_is_taken_before_earlier_search_trials(tmp_path):
+    """Optuna pops WAITING trials by number; an anchor queued again after a crash (here trial 3) must run first."""
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    scfg = resolve_search({"mode": "tiny", "storage": url})
+    storage = make_storage(url)
+    optuna.create_study(study_name="queue", storage=storage)
+    plain = optuna.load_study(study_name="queue", storage=storage)
+    for rung in (2, 3, 4):
+        plain.enqueue_trial({"rung": rung}, user_attrs={"allocation": "search"})
+    plain.enqueue_trial({"rung": 1}, user_attrs={"allocation": "chinchilla"})
+    study = load_study(scfg, "queue", storage)
+    order = []
+    for _ in range(4):
+        t = study.ask()
+        order.append((t.number, t.user_attrs["allocation"], t.suggest_int("rung", 0, 5)))
+        study.tell(t, 1.0)
+    assert order == [(3, "chinchilla", 1), (0, "search", 2), (1, "search", 3), (2, "search", 4)]
+
+
+def test_closing_table_says_what_became_of_each_anchor():
+    from optuna.distributions import IntDistribution
+    from optuna.trial import TrialState, create_trial
+
+    scfg = resolve_search({"mode": "tiny", "budgets": "6e9"})
+    plan = plan_budget(scfg, 6e9)
+
+    def study_of(*trials):
+        study = optuna.create_study()
+        for state, alloc, value in trials:
+            m = model_at(1, scfg.data.vocab_size, scfg.block_size)
+            attrs = {"allocation": alloc, "n_embd": m.n_embd, "n_params": 1, "tokens_trained": 10, "n_params_total": 100}
+            study.add_trial(create_trial(state=state, value=value, params={"rung": 1}, user_attrs=attrs,
+                                         distributions={"rung": IntDistribution(0, 5)}))
+        return summarize(study, plan, "run")
+
+    # the killed Kaplan trial (FAIL) was retried and the retry pruned; Chinchilla completed
+    res = study_of((TrialState.FAIL, "kaplan", None), (TrialState.COMPLETE, "chinchilla", 4.5),
+                   (TrialState.PRUNED, "kaplan", None))
+    assert (res.kaplan_state, res.chinchilla_state, res.winner) == ("PRUNED", "COMPLETE", "")
+    row = table([res], "total").splitlines()[2]
+    assert "PRUNED" in row and "4.5000" in row and "fail" not in row.lower()
+    res = study_of((TrialState.FAIL, "kaplan", None), (TrialState.COMPLETE, "chinchilla", 4.5))
+    assert res.kaplan_state == "FAIL" and "FAIL" in table([res], "total").splitlines()[2]
+    res = study_of((TrialState.FAIL, "kaplan", None), (TrialState.COMPLETE, "kaplan", 4.4),
+                   (TrialState.COMPLETE, "chinchilla", 4.5))  # the retry completed: its loss, and a winner
+    assert (res.kaplan_state, res.kaplan_loss, res.winner) == ("COMPLETE", 4.4, "kaplan")

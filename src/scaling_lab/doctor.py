@@ -182,6 +182,8 @@ def check_storage(url: str) -> Check:
     from sqlalchemy import create_engine, inspect, text
     from sqlalchemy.engine import make_url
 
+    if url.startswith("journal:"):
+        return _check_journal(url)
     try:
         parsed = make_url(url)
         backend = parsed.get_backend_name()
@@ -223,6 +225,22 @@ def check_storage(url: str) -> Check:
                      if backend != "sqlite" else "pass storage=sqlite:///<a writable folder>/optuna.db")
     studies = "has studies" if "studies" in tables else "no studies yet"
     return Check("optuna storage", "ok", f"{shown} (connected, writable, {studies})")
+
+
+def _check_journal(url: str) -> Check:
+    """A journal:///<file> storage (Optuna JournalStorage on a file): the log, or its folder, is writable."""
+    path = Path(url[len("journal:///"):]) if url.startswith("journal:///") else Path("")
+    fix = "pass storage=journal:///<a writable folder>/optuna.log"
+    if not str(path) or str(path) == "." or url.endswith("/"):
+        return Check("optuna storage", "FAIL", f"storage={url!r}: a journal storage is journal:///<file>", fix)
+    folder = path.resolve().parent
+    if path.exists():
+        if path.is_file() and os.access(path, os.W_OK) and os.access(folder, os.W_OK):
+            return Check("optuna storage", "ok", f"{url} (journal log, {path.stat().st_size:,} bytes)")
+        return Check("optuna storage", "FAIL", f"{url}: not a writable file in a writable folder", fix)
+    if folder.is_dir() and os.access(folder, os.W_OK):
+        return Check("optuna storage", "ok", f"{url} (journal log not created yet; folder {folder} is writable)")
+    return Check("optuna storage", "FAIL", f"{url}: folder {folder} is not writable", fix)
 
 
 def tiktoken_cache_dir() -> tuple[Path | None, str]:

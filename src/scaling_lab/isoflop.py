@@ -119,7 +119,8 @@ class SearchConfig:
     trials: int = 0
     """Finished trials wanted per budget, seeded ones included (0 = the mode's; grid: every size in range)."""
     storage: str = "sqlite:///optuna.db"
-    """Optuna RDB storage URL (sqlite:///optuna.db, postgresql://user:pw@host/db)."""
+    """Optuna storage URL: sqlite:///optuna.db, journal:///optuna.log (a journal file: several workers on one
+    machine) or postgresql://user:pw@host/db (several machines)."""
     study_prefix: str = "isoflop"
     """Study name = <study_prefix>-C<budget>-<flops_rule>."""
     sampler: str = "grid"
@@ -131,7 +132,7 @@ class SearchConfig:
     prune_startup: int = 3
     """Finished trials before pruning may act (MedianPruner n_startup_trials)."""
     workers: int = 1
-    """Parallel worker processes per study (several need a server storage such as PostgreSQL)."""
+    """Parallel worker processes per study (several need a journal:/// or PostgreSQL storage, not SQLite)."""
     anchors: str = "kaplan,chinchilla"
     """Published allocations trained as seeded trials: kaplan, chinchilla, both (comma-separated) or none. The
     first range is centred on them (on Chinchilla's size with none)."""
@@ -189,8 +190,9 @@ class SearchConfig:
             raise ConfigError("trials", self.trials, "0 (the mode's) or at least 2 (the two seeded trials)")
         self.hyper_rule()  # validates hparams
         if self.workers > 1 and self.storage.startswith("sqlite"):
-            raise ConfigError("workers", self.workers, "1 with SQLite storage; several workers need a server "
-                              "storage such as postgresql://user:pw@host/db (see docs/search.md)")
+            raise ConfigError("workers", self.workers, "1 with SQLite storage; several workers need "
+                              "storage=journal:///optuna.log (one machine) or postgresql://user:pw@host/db "
+                              "(see docs/search.md)")
 
     @property
     def flops_rule(self) -> str:
@@ -264,10 +266,17 @@ def resolve_search(overrides: dict[str, Any] | None = None) -> SearchConfig:
 
 
 def validate_storage_url(url: str) -> None:
-    """An Optuna RDB URL: dialect[+driver]://... (sqlite:///file.db, postgresql://user:pw@host/db)."""
-    allowed = "an Optuna RDB URL such as sqlite:///optuna.db or postgresql://user:password@host:5432/db"
+    """An Optuna storage URL: journal:///<file> (JournalStorage on a file) or an RDB URL dialect[+driver]://...
+    (sqlite:///file.db, postgresql://user:pw@host/db)."""
+    allowed = ("an Optuna storage URL such as sqlite:///optuna.db, journal:///optuna.log or "
+               "postgresql://user:password@host:5432/db")
     if not isinstance(url, str) or "://" not in url:
         raise ConfigError("storage", url, allowed)
+    if url.startswith("journal:"):
+        path = url[len("journal:///"):] if url.startswith("journal:///") else ""
+        if not path or path.endswith("/"):
+            raise ConfigError("storage", url, "journal:///<file> (e.g. journal:///optuna.log, journal:////abs/optuna.log)")
+        return
     try:
         parsed = make_url(url)
         parsed.get_dialect()
@@ -477,7 +486,8 @@ def _seeded(res: BudgetResult, trials: list[Any]) -> None:
     completed: a pruned, failed or missing anchor leaves no head-to-head)."""
     for alloc in ("kaplan", "chinchilla"):
         seeded = [t for t in trials if t.user_attrs.get("allocation") == alloc and t.state.name != "WAITING"]
-        seeded.sort(key=lambda t: (t.state.name != "COMPLETE", t.number))
+        # the first COMPLETE one; else the latest (a killed anchor's retry says PRUNED or FAIL for itself)
+        seeded.sort(key=lambda t: (0, t.number) if t.state.name == "COMPLETE" else (1, -t.number))
         if seeded:
             t = seeded[0]
             setattr(res, f"{alloc}_state", t.state.name)
@@ -498,7 +508,7 @@ def _fmt_n(x: float) -> str:
 
 
 def _fmt_loss(x: float, state: str) -> str:
-    return f"{x:.4f}" if math.isfinite(x) else state.lower()
+    return f"{x:.4f}" if math.isfinite(x) else state  # an Optuna state (PRUNED, FAIL, RUNNING), missing or none
 
 
 def table(results: list[BudgetResult], rule: str) -> str:
@@ -518,5 +528,6 @@ def table(results: list[BudgetResult], rule: str) -> str:
     lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(row) for row in rows]
     lines.append(f"N = all parameters (embeddings included); C under the '{rule}' rule; best = lowest mean loss over "
                  "a size's seeds; best at: COMPLETE sizes below|above it; epochs: most passes over the train split; "
-                 "winner = the lower of the two seeded anchors' losses (anchors, not a test of 0.73 against 0.50).")
+                 "kaplan/chinchilla loss: the seeded anchor's loss, or its state (PRUNED, FAIL, missing); winner = the lower "
+                 "of the two anchors' losses when both completed (anchors, not a test of 0.73 against 0.50).")
     return "\n".join(lines)

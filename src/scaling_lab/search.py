@@ -70,6 +70,7 @@ class Objective:
         cfg.run_name = (f"{plan.study_name}-t{trial.number}-{allocation}-L{m.n_layer}-d{m.n_embd}"
                         + (f"-seed{cfg.train.seed}" if replica else ""))
         tplan = make_plan(cfg)
+        studies.record_size(trial, tplan.counts["n_params_total"])  # dashboard plots in N (a derived param)
         info = {"allocation": allocation, "n_layer": m.n_layer, "n_embd": m.n_embd, "n_head": m.n_head,
                 "n_params": tplan.counts["n_params"], "n_params_total": tplan.counts["n_params_total"],
                 "tokens_trained": tplan.tokens_trained, "batch_size": cfg.train.batch_size, "steps": tplan.steps,
@@ -155,8 +156,7 @@ def optimize_loop(scfg: SearchConfig, plan: BudgetPlan, parent_run_id: str, targ
     The look at the study and Optuna's ask() run under the study's lock: without it two workers can both see
     the last queued size, and the one whose ask() finds the queue empty gets a freshly sampled extra trial."""
     storage = storage or studies.make_storage(scfg.storage)
-    study = optuna.load_study(study_name=plan.study_name, storage=storage, sampler=studies.make_sampler(scfg),
-                              pruner=pruner or studies.make_pruner(scfg))
+    study = studies.load_study(scfg, plan.study_name, storage, pruner)  # queued anchors are taken first
     objective = Objective(scfg, plan, parent_run_id)
     lock = StudyLock(scfg.storage, plan.study_name)
 
@@ -169,6 +169,7 @@ def optimize_loop(scfg: SearchConfig, plan: BudgetPlan, parent_run_id: str, targ
 
     started, seen = 0, set()
     while started < 2 * target:
+        studies.fail_dead_workers(study, lock)  # journal storage: no heartbeats
         before = len(taken)
         studies.close_failed_trials(study, seen)
         with lock:
@@ -215,7 +216,7 @@ def run_workers(scfg: SearchConfig, plan: BudgetPlan, parent_run_id: str, target
     for p in procs:
         p.start()
     seen = count(study, ("COMPLETE", "PRUNED"))
-    while any(p.is_alive() for p in procs):
+    while any([p.is_alive() for p in procs]):  # every one asked: is_alive() reaps a dead worker (no zombie)
         time.sleep(2.0)
         now = count(study, ("COMPLETE", "PRUNED"))
         bar.update(max(0, now - seen))
@@ -246,8 +247,10 @@ def plot_study(study: optuna.Study, plan: BudgetPlan, res: BudgetResult, path: P
     return figures.study_loss_vs_n(pts, pruned, best, path, title)
 
 
-def log_parent(plog: tracking.RunLogger, study: optuna.Study, plan: BudgetPlan, res: BudgetResult) -> None:
-    """Best N, D, D/N, loss, the seeded losses and the loss-vs-N PNG on the study's parent run."""
+def log_parent(plog: tracking.RunLogger, study: optuna.Study, plan: BudgetPlan, res: BudgetResult,
+               storage: str = "") -> None:
+    """Best N, D, D/N, loss, the seeded losses and the loss-vs-N PNG on the study's parent run; the PNG also in
+    the study's Optuna artifact store (``studies.artifact_dir``) when ``storage`` is given."""
     finished = res.trials.get("COMPLETE", 0) + res.trials.get("PRUNED", 0)
     metrics = {"best/n_params_total": res.n_opt, "best/n_params": res.n_opt_nonembed, "best/tokens": res.d_opt,
                "best/tokens_per_param": res.tokens_per_param, "best/val_loss": res.best_loss,
@@ -264,6 +267,16 @@ def log_parent(plog: tracking.RunLogger, study: optuna.Study, plan: BudgetPlan, 
         png = Path(tmp) / "loss_vs_n.png"
         if plot_study(study, plan, res, png):
             plog.log_artifact(png)
+            if storage:
+                _upload_figure(study, storage, png)
+
+
+def _upload_figure(study: optuna.Study, storage: str, png: Path) -> None:
+    try:
+        studies.upload_figure(study, storage, png)
+    except OSError as exc:  # the figure is on the MLflow run already: say so, lose no result
+        print(f"  {study.study_name}: loss_vs_n.png not put in the Optuna artifact store "
+              f"{studies.artifact_dir(storage)} ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- the whole search
@@ -338,7 +351,7 @@ def _run_budget(scfg: SearchConfig, plan: BudgetPlan, study: optuna.Study, plog:
         target = _retarget(scfg, plan, study, bar, target)
         _trials_until(scfg, plan, study, plog, target, bar, out, pruner)
         res = summarize(study, plan, plog.run_id, scfg.bracket)
-    log_parent(plog, study, plan, res)
+    log_parent(plog, study, plan, res, scfg.storage)
     return res
 
 
@@ -421,8 +434,9 @@ def run_search(scfg: SearchConfig, out: TextIO | None = None,
     print("\n" + table(results, scfg.flops_rule), file=out)
     for line in _closing_lines(results):
         print(line, file=out)
-    print(f"Studies: optuna-dashboard {scfg.storage}   Runs: mlflow ui --backend-store-uri "
-          f"{tracking.tracking_uri()}", file=out)
+    shown = studies.journal_path(scfg.storage) or tracking.masked(scfg.storage)
+    print(f"Studies: optuna-dashboard {shown} --artifact-dir {studies.artifact_dir(scfg.storage)}   "
+          f"Runs: mlflow ui --backend-store-uri {tracking.tracking_uri()}", file=out)
     return results
 
 

@@ -1,8 +1,10 @@
-"""Optuna and SQL plumbing of a search: storages (with heartbeats), the study lock, creating and loading
-studies, queueing sizes, and the trials a dead or failed worker left behind.
+"""Optuna and SQL plumbing of a search: storages (RDB with heartbeats, or a journal file), the study lock,
+creating and loading studies, queueing sizes (anchors first), the study's figure in Optuna's artifact store,
+and the trials a dead or failed worker left behind.
 
-A trial's ladder position is its Optuna parameter ``rung``; its MLflow run id, worker and allocation are user
-attributes. Only ``tracking`` touches MLflow (closing the runs of failed trials).
+A trial's ladder position is its Optuna parameter ``rung``; its size is the derived parameter
+``n_params_total`` (see ``record_size``); its MLflow run id, worker and allocation are user attributes. Only
+``tracking`` touches MLflow (closing the runs of failed trials).
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import os
 import socket
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -32,6 +37,13 @@ from scaling_lab.isoflop import BudgetPlan, SearchConfig, key_of, replica_of, ru
 HEARTBEAT_S = int(os.environ.get("SCALING_LAB_HEARTBEAT_S", "30"))
 GRACE_S = int(os.environ.get("SCALING_LAB_GRACE_S", "120"))
 ACTIVE = ("COMPLETE", "PRUNED", "WAITING", "RUNNING")
+JOURNAL = "journal:///"  # journal:///optuna.log (relative) or journal:////abs/optuna.log, as sqlite:/// URLs
+ARTIFACTS_ENV = "SCALING_LAB_OPTUNA_ARTIFACTS"  # the Optuna artifact store's folder, for any storage
+
+
+def journal_path(url: str) -> str | None:
+    """The log file of a ``journal:///<file>`` storage URL, None for any other URL."""
+    return url[len(JOURNAL):] if url.startswith(JOURNAL) else None
 
 
 def storage_url(url: str) -> str:
@@ -48,12 +60,16 @@ class StudyLock:
     find-or-create the study's parent run and enqueue its sizes; see that a trial waits and take it. A
     PostgreSQL (or MySQL) storage gives a session lock in the study's own database, so workers on several
     machines share it and a dead worker's lock ends with its connection; a SQLite storage gives an flock on
-    ``<file>.lock`` beside the database (one lock per file, for the processes of one machine). Held for
-    milliseconds, never while training. ``release`` may be called more than once."""
+    ``<file>.lock`` beside the database, a journal storage on ``<log>.studylock`` (``<log>.lock`` is Optuna's
+    own lock) (one lock per file, for the processes of one machine). Held for milliseconds, never while
+    training. ``release`` may be called more than once."""
 
     def __init__(self, url: str, name: str):
         self.url, self.name = storage_url(url), name
-        self.backend = make_url(self.url).get_backend_name()
+        journal = journal_path(self.url)
+        self.backend = "journal" if journal is not None else make_url(self.url).get_backend_name()
+        self._flock = f"{journal}.studylock" if journal is not None else (
+            f"{make_url(self.url).database}.lock" if self.backend == "sqlite" else "")
         # 64-bit key of the study name (pg_advisory_lock takes a bigint)
         self.key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
         self._conn = None
@@ -65,8 +81,8 @@ class StudyLock:
             sql = ("SELECT pg_advisory_lock(:k)" if self.backend == "postgresql"
                    else "SELECT GET_LOCK(:n, 600)")
             self._conn.execute(text(sql), {"k": self.key, "n": f"scaling-lab:{self.name}"[:64]})
-        elif self.backend == "sqlite":
-            self._file = open(f"{make_url(self.url).database}.lock", "a")  # noqa: SIM115 (held until release)
+        elif self._flock:
+            self._file = open(self._flock, "a")  # noqa: SIM115 (held until release)
             fcntl.flock(self._file, fcntl.LOCK_EX)
         return self
 
@@ -89,9 +105,19 @@ class StudyLock:
         self.release()
 
 
-def make_storage(url: str):
+def make_storage(url: str) -> optuna.storages.BaseStorage:
     """RDBStorage with heartbeats: a trial whose process died is marked FAIL after the grace period and
-    retried once (RetryHeartbeatStaleTrialCallback), so several workers can share one study."""
+    retried once (RetryHeartbeatStaleTrialCallback), so several workers can share one study. ``journal:///<log>``:
+    Optuna's JournalStorage on a JournalFileBackend (its default symlink lock, the one optuna-dashboard and plain
+    Optuna scripts take too), for several workers on one machine; it has no heartbeats, so ``fail_dead_workers``
+    fails the trials of this machine's dead workers instead."""
+    journal = journal_path(url)
+    if journal is not None:
+        try:
+            return JournalStorage(JournalFileBackend(journal))
+        except OSError as exc:  # a missing or unwritable folder: one line
+            raise ConfigError("storage", url, f"journal:///<file> in a writable folder ({type(exc).__name__}: "
+                              f"{exc.strerror or exc})") from None
     url = storage_url(url)
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
@@ -107,10 +133,30 @@ def make_storage(url: str):
                           f"{str(exc).splitlines()[0][:200]})") from None
 
 
+def has_heartbeat(storage: optuna.storages.BaseStorage) -> bool:
+    """Whether Optuna fails a dead worker's trial itself (RDB heartbeats); a journal file does not."""
+    return isinstance(storage, RDBStorage)
+
+
 def make_sampler(scfg: SearchConfig) -> optuna.samplers.BaseSampler:
     if scfg.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=scfg.seed, n_startup_trials=3)
+        # constant liar: other workers' RUNNING trials count as bad results, so parallel workers do not all sample
+        # the same promising size. On with several workers, and with a journal or server storage that other search
+        # commands may share (Optuna 5's default, passed explicitly); off for one worker on SQLite, where nothing
+        # else runs and the lie would only count a killed search's zombie trials.
+        return optuna.samplers.TPESampler(seed=scfg.seed, n_startup_trials=3,
+                                          constant_liar=scfg.workers > 1 or not scfg.storage.startswith("sqlite"))
     return optuna.samplers.RandomSampler(seed=scfg.seed)  # grid: every size is enqueued; random fills gaps only
+
+
+def record_size(trial: optuna.Trial, n_params_total: int) -> None:
+    """The trial's size as an Optuna parameter, so optuna-dashboard's slice, parallel-coordinate and importance
+    plots read in N rather than the ladder index. ``rung`` stays the searched parameter: grid queues, retries
+    and existing studies are keyed on it, and TPE/random sample it. ``n_params_total`` is a derived parameter
+    with a one-value distribution (low = high = the size; log scale for the plots): Optuna records it without
+    asking the sampler, its range may differ per trial as widening changes ``rung``'s (ints are compatible when
+    the log flag agrees), and studies made before it simply lack it on their older trials."""
+    trial.suggest_int("n_params_total", n_params_total, n_params_total, log=True)
 
 
 class BracketPruner(optuna.pruners.BasePruner):
@@ -136,6 +182,30 @@ def make_pruner(scfg: SearchConfig) -> optuna.pruners.BasePruner:
         return optuna.pruners.NopPruner()
     median = optuna.pruners.MedianPruner(n_startup_trials=scfg.prune_startup, n_warmup_steps=scfg.prune_warmup)
     return BracketPruner(median, scfg.bracket)
+
+
+class AnchorsFirst(optuna.Study):
+    """A study whose queue hands out seeded anchors (allocation kaplan or chinchilla) before any other WAITING
+    trial. Optuna pops WAITING trials in trial-number order, so an anchor queued again after a crash (killed
+    search re-run, dead worker, retry) would run last, after the pruner and the bracket were settled without it;
+    here it runs first. Same storage, same states; only the order of the queue differs (Optuna's own
+    ``_pop_waiting_trial_id`` with the WAITING trials sorted)."""
+
+    def _pop_waiting_trial_id(self) -> int | None:
+        waiting = self._storage.get_all_trials(self._study_id, deepcopy=False, states=(TrialState.WAITING,))
+        for t in sorted(waiting, key=lambda t: (t.user_attrs.get("allocation", "search") == "search", t.number)):
+            try:
+                if self._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                    return t._trial_id
+            except optuna.exceptions.UpdateFinishedTrialError:  # another worker finished it meanwhile
+                continue
+        return None
+
+
+def load_study(scfg: SearchConfig, name: str, storage, pruner=None) -> AnchorsFirst:
+    """The study ``name`` (created by ``open_study``) with the search's sampler and pruner, anchors first."""
+    return AnchorsFirst(study_name=name, storage=storage, sampler=make_sampler(scfg),
+                        pruner=pruner or make_pruner(scfg))
 
 
 def open_study(scfg: SearchConfig, plan: BudgetPlan, storage, pruner=None):
@@ -195,6 +265,38 @@ def enqueue_missing(study, plan: BudgetPlan, grid: bool) -> int:
     return added
 
 
+def artifact_dir(url: str) -> Path:
+    """Folder of the study's Optuna artifact store: $SCALING_LAB_OPTUNA_ARTIFACTS when set, else
+    ``optuna-artifacts`` beside the SQLite file or journal log, else (a server storage) in the current folder."""
+    if os.environ.get(ARTIFACTS_ENV):
+        return Path(os.environ[ARTIFACTS_ENV])
+    journal = journal_path(url)
+    if journal is not None:
+        return Path(journal).parent / "optuna-artifacts"
+    parsed = make_url(storage_url(url))
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        return Path(parsed.database).parent / "optuna-artifacts"
+    return Path.cwd() / "optuna-artifacts"
+
+
+def upload_figure(study: optuna.Study, url: str, path: Path) -> str:
+    """Put ``path`` (the study's loss_vs_n.png) in the study's Optuna artifact store, shown by
+    ``optuna-dashboard <storage> --artifact-dir <folder>``. One artifact per file name and study: a re-run
+    overwrites the one it uploaded before (its id is the study's user attribute ``artifact:<name>``)."""
+    store_dir = artifact_dir(url)
+    store_dir.mkdir(parents=True, exist_ok=True)
+    store = FileSystemArtifactStore(str(store_dir))
+    key = f"artifact:{path.name}"
+    old = study.user_attrs.get(key)
+    if old and any(m.artifact_id == old for m in get_all_artifact_meta(study)):
+        with open(path, "rb") as f:
+            store.write(old, f)
+        return old
+    artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study)
+    study.set_user_attr(key, artifact_id)
+    return artifact_id
+
+
 def _dead_here(worker: str) -> bool:
     """True when ``worker`` ('host:pid', set by the objective) names a process of this machine that is gone."""
     host, _, pid = worker.rpartition(":")
@@ -206,7 +308,10 @@ def _dead_here(worker: str) -> bool:
         return True
     except PermissionError:  # alive, another user's
         return False
-    return False
+    try:  # a killed worker its parent has not reaped yet is a zombie: gone, though kill(pid, 0) succeeds
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def fail_stale_running(study, reason: str) -> dict[int, str]:
@@ -220,6 +325,20 @@ def fail_stale_running(study, reason: str) -> dict[int, str]:
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             stale[t.number] = t.user_attrs.get("mlflow_run_id", "")
     return stale
+
+
+def fail_dead_workers(study, lock: StudyLock) -> list[int]:
+    """For a storage without heartbeats (journal): fail the RUNNING trials whose worker on this machine died
+    while the search runs, and queue each size once more (``retry_failed_once``), as heartbeats do for an RDB
+    storage. Under the study's lock, so a worker that has just taken a queued copy is not taken for dead.
+    Returns the failed trial numbers. A dead worker of another machine is not seen: use PostgreSQL there."""
+    if has_heartbeat(study._storage):
+        return []
+    with lock:
+        stale = fail_stale_running(study, "worker process died during the trial (found by another worker)")
+    for number in sorted(stale):
+        retry_failed_once(study, number, lock)
+    return sorted(stale)
 
 
 def target_trials(scfg: SearchConfig, plan: BudgetPlan, study) -> int:
@@ -279,8 +398,9 @@ def close_failed_trials(study, seen: set[int] | None = None) -> list[int]:
 def retry_failed_once(study, number: int, lock: StudyLock) -> bool:
     """A grid trial that raised (a transient error such as a locked database, or a real bug) would leave a hole in
     its isoFLOP curve: queue its size once more, unless it is itself such a retry or the size is queued, running or
-    done. The failed trial keeps its error (user attribute ``error``, its run FAILED); the copy names it in
-    ``retry_of``. Returns whether a copy was queued."""
+    done for the same allocation (twin anchors on one size each need their own trial). The failed trial keeps its
+    error (user attribute ``error``, its run FAILED); the copy names it in ``retry_of``. Returns whether a copy
+    was queued."""
     t = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
     if t is None or t.state.name != "FAIL" or "retry_of" in t.user_attrs or "failed_trial" in t.system_attrs:
         return False
@@ -288,10 +408,13 @@ def retry_failed_once(study, number: int, lock: StudyLock) -> bool:
     if rung is None:
         return False
     with lock:
-        if key_of(t) in {key_of(x) for x in study.get_trials(deepcopy=False) if x.state.name in ACTIVE}:
+        alloc = t.user_attrs.get("allocation", "search")
+        if (key_of(t), alloc) in {(key_of(x), x.user_attrs.get("allocation", "search"))
+                                  for x in study.get_trials(deepcopy=False) if x.state.name in ACTIVE}:
             return False
-        attrs = {"allocation": t.user_attrs.get("allocation", "search"), "retry_of": number}
+        attrs = {"allocation": alloc, "retry_of": number}
         study.enqueue_trial({"rung": rung}, user_attrs=attrs | ({"replica": replica_of(t)} if replica_of(t) else {}))
+    why = t.user_attrs.get("error") or t.system_attrs.get("fail_reason") or "see the log above"
     print(f"  {study.study_name}: trial {number} (n_embd {t.user_attrs.get('n_embd', '?')}) failed "
-          f"({t.user_attrs.get('error', 'see the log above')}); its size is queued once more", file=sys.stderr)
+          f"({why}); its size is queued once more", file=sys.stderr)
     return True
