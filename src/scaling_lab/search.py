@@ -80,7 +80,7 @@ class Objective:
         tags = {"scaling_lab.kind": "trial", "study": plan.study_name, "budget": f"{plan.budget:g}",
                 "flops_rule": scfg.flops_rule, "trial_number": trial.number, "allocation": allocation,
                 "storage": tracking.masked(scfg.storage), "replica": replica, "seed": cfg.train.seed,
-                "hparams": scfg.hyper_rule().source}
+                "hparams": scfg.hyper_rule().source} | ({"protocol": scfg.protocol} if scfg.protocol else {})
         twin = _finished_twin(trial, rung)
         if twin is not None:  # same size already trained (e.g. both seeds at one size): reuse its result
             with tracking.run(scfg.experiment, cfg.run_name, parent_run_id=self.parent_run_id, tags=tags,
@@ -348,7 +348,7 @@ def _study_budget(scfg: SearchConfig, plan: BudgetPlan, study: optuna.Study, bar
     process left RUNNING, the queue. Then the trials, without the lock."""
     tags = {"scaling_lab.kind": "study", "study": plan.study_name, "budget": f"{plan.budget:g}",
             "flops_rule": scfg.flops_rule, "storage": tracking.masked(scfg.storage),
-            "vocab_size": scfg.data.vocab_size}
+            "vocab_size": scfg.data.vocab_size} | ({"protocol": scfg.protocol} if scfg.protocol else {})
     lock = StudyLock(scfg.storage, plan.study_name).acquire()
     try:
         parent_id = tracking.find_study_run(scfg.experiment, plan.study_name, tracking.masked(scfg.storage))
