@@ -551,11 +551,14 @@ def protocol_optimal(panels: list[dict[str, Any]], folder: Path, name: str, titl
             ax.scatter(p["budgets"], p["n_opt"], marker="s", s=20, color="#9467bd", zorder=3, label="A2 minima")
             for key, ls, color in (("approach2", "-", "#9467bd"), ("approach3", "--", "#ff7f0e")):
                 a, ci = p["a2" if key == "approach2" else "a3"]
+                if p[key] is None or a is None:  # Approach 2 not fitted (no bracketed minimum)
+                    continue
                 iv = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and ci[0] is not None else ""
                 ax.plot(grid, p[key], ls=ls, color=color, label=f"{'A2' if key == 'approach2' else 'A3'} a = "
                         f"{a:.2f}{iv}")
             mid_c = math.exp(float(np.mean(np.log(grid))))
-            mid_n = float(np.exp(np.interp(math.log(mid_c), np.log(grid), np.log(p["approach2"]))))
+            line = p["approach2"] if p["approach2"] is not None else p["approach3"]
+            mid_n = float(np.exp(np.interp(math.log(mid_c), np.log(grid), np.log(line))))
             for slope, color, lab in ((laws.KAPLAN_A, KAPLAN_COLOR, "Kaplan"), (laws.CHINCHILLA_A, CHINCHILLA_COLOR,
                                                                                 "Chinchilla")):
                 ax.plot(grid, mid_n * (grid / mid_c) ** slope, ls=":", color=color, lw=1,

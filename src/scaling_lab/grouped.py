@@ -53,13 +53,45 @@ def split(study: RunTable, key: str, order: tuple[str, ...] = (), keep: tuple[st
 
 def _row(name: str, res: dict[str, Any] | None, own: str, error: str = "") -> dict[str, Any]:
     """One group's row: a, 95% interval and SE of Approaches 2 and 3 under each convention."""
-    row: dict[str, Any] = {"group": name, "own_convention": own, "error": error, "conventions": {}}
+    row: dict[str, Any] = {"group": name, "own_convention": own, "error": error, "conventions": {},
+                           "approach2_error": (res or {}).get("approach2_error", "")}
     for conv, r in (res or {}).get("conventions", {}).items():
         row["conventions"][conv] = {"runs": r["runs"], "budgets": r["budgets"],
                                     "approach2_dropped": len(r["approach2"].get("dropped", []))}
         for a in APPROACHES:
             row["conventions"][conv][a] = {"a": r[a]["a"], "ci95": r[a]["ci95"].get("a"), "se": r[a]["se"].get("a")}
     return row
+
+
+def approach3_only(sub: RunTable, cfg: analyze.AnalyzeConfig, reason: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A group the full analysis cannot fit (typically: no isoFLOP minimum bracketed, so no Approach 2): Approach 3
+    alone under each convention, its interval from ``cfg.bootstrap`` resamples of the runs within each budget, and
+    Approach 2 reported with the reason. ConfigError when no convention has the runs Approach 3 needs."""
+    res: dict[str, Any] = {"approach2_error": reason, "conventions": {}, "verdict": {}}
+    objects: dict[str, Any] = {}
+    for conv in sub.conventions:
+        try:
+            d = analyze.convention_data(sub, conv, cfg, {})
+            fit = laws.approach3(d.N, d.D, d.L, k=d.k)
+        except (ConfigError, laws.FitError):
+            continue
+        starts = laws.a3_starts(d.N, d.D, d.L, fit, n=analyze.A3_STARTS)
+
+        def one(idx: np.ndarray, d: analyze.ConventionData = d, starts: list = starts) -> dict[str, float]:
+            return {"a": laws.approach3(d.N[idx], d.D[idx], d.L[idx], k=d.k, starts=0, init=starts).a}
+
+        ci = laws.interval(laws.bootstrap(one, len(d.N), cfg.bootstrap, cfg.seed, strata=d.labels).get(
+            "a", np.array([]))) if cfg.bootstrap else {"lo": None, "hi": None, "se": None}
+        lo, hi = (ci["lo"], ci["hi"]) if ci["lo"] is not None and math.isfinite(ci["lo"]) else (None, None)
+        res["conventions"][conv] = {
+            "runs": int(len(d.N)), "budgets": d.n_budgets,
+            "approach2": {"a": None, "ci95": {"a": [None, None]}, "se": {"a": None}, "error": reason},
+            "approach3": {**fit.params(), "ci95": {"a": [lo, hi]}, "se": {"a": ci["se"]}}}
+        res["verdict"][conv] = {"approach3": laws.verdict(fit.a, ci)}
+        objects[conv] = {"fit2": None, "fit3": fit, "budgets_c": laws.budget_centers(d.C, d.labels)}
+    if not res["conventions"]:
+        raise ConfigError("group_by", cfg.group_by, f"enough runs for Approach 3 ({reason})")
+    return res, objects
 
 
 def _own(row: dict[str, Any]) -> dict[str, Any] | None:
@@ -121,11 +153,12 @@ def summary(rows: list[dict[str, Any]], mv: list[dict[str, Any]]) -> str:
 def _panel(name: str, own: str, obj: dict[str, Any], res: dict[str, Any]) -> dict[str, Any]:
     """What the N_opt(C) figure draws for one group: Approach 2's minima, its line and Approach 3's."""
     fit2, fit3 = obj["fit2"], obj["fit3"]
-    cs = np.asarray(fit2.budgets, dtype=float)
+    cs = np.asarray(fit2.budgets if fit2 is not None else obj["budgets_c"], dtype=float)
     grid = np.exp(np.linspace(math.log(cs.min()) - 0.3, math.log(cs.max()) + 0.3, 50))
     r = res["conventions"][own]
-    return {"name": name, "convention": own, "budgets": cs, "n_opt": np.asarray(fit2.n_opt, dtype=float),
-            "grid": grid, "approach2": fit2.n_at(grid), "approach3": fit3.n_at(grid),
+    return {"name": name, "convention": own, "budgets": cs if fit2 is not None else cs[:0],
+            "n_opt": np.asarray(fit2.n_opt if fit2 is not None else [], dtype=float), "grid": grid,
+            "approach2": fit2.n_at(grid) if fit2 is not None else None, "approach3": fit3.n_at(grid),
             "a2": (r["approach2"]["a"], r["approach2"]["ci95"].get("a")),
             "a3": (r["approach3"]["a"], r["approach3"]["ci95"].get("a")),
             "n_label": "non-embedding N" if own == "kaplan" else "N (all parameters)"}
@@ -144,9 +177,12 @@ def analyze_groups(study: RunTable, cfg: analyze.AnalyzeConfig, order: tuple[str
         try:
             res, objects = analyze.analyze_study(sub, cfg)
         except (ConfigError, laws.FitError) as exc:
-            results["rows"].append(_row(name, None, own.get(name, "total"), str(exc)))
-            results[cfg.group_by][name] = {"error": str(exc), "runs": len(sub.runs)}
-            continue
+            try:
+                res, objects = approach3_only(sub, cfg, str(exc))
+            except (ConfigError, laws.FitError) as exc2:
+                results["rows"].append(_row(name, None, own.get(name, "total"), str(exc2)))
+                results[cfg.group_by][name] = {"error": str(exc2), "runs": len(sub.runs)}
+                continue
         conv = own.get(name, "total")
         conv = conv if conv in res["conventions"] else next(iter(res["conventions"]))
         res.pop("provenance", None)
@@ -205,6 +241,8 @@ def report_blocks(results: dict[str, Any], figs: dict[str, list]) -> list[tuple]
         lines = [laws.verdict_sentence(f"{conv} / {a}", v) for conv, vs in res["verdict"].items()
                  for a, v in vs.items() if v.get("a") is not None and a in APPROACHES]
         B.append(("pre", "\n".join(lines)))
+        if res.get("approach2_error"):
+            B.append(("p", f"Approach 2 not fitted (Approach 3 alone above): {res['approach2_error']}"))
         for conv, r in res["conventions"].items():
             if r["approach2"].get("dropped"):
                 B.append(("p", f"{conv}: dropped from Approach 2's line: " + "; ".join(
