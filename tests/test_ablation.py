@@ -71,14 +71,16 @@ def test_each_step_is_one_documented_change_over_the_one_before():
     top = max(k.budget_list())
     longest = isoflop.trial_config(k, top, isoflop.plan_budget(k, top).lo)
     assert d.schedule_steps == make_plan(longest).steps
-    assert d.warmup_steps == round(0.012 * d.schedule_steps) and d.batch == 8
+    assert d.warmup_steps == round(0.012 * d.schedule_steps) == 231 and d.schedule_steps == 19223
+    # the fixed rule's batch for D = 20 N at the geometric-mean budget (~9.5e10: N 28k, D 563k -> 4.4 -> 4)
+    assert d.batch == ablation.one_batch(acfg.search) == 4
     cfgs = ablation.step_configs(acfg)
     assert list(cfgs) == list(ablation.STEP_NAMES)
     fields = lambda s: {"flops_rule": s.train.flops_rule, "warmup_steps": s.train.warmup_steps,  # noqa: E731
                         "schedule_steps": s.train.schedule_steps, "hparams": s.hparams,
                         "batch": (s.batch_min, s.batch_max)}
     assert fields(cfgs["kaplan"]) == {"flops_rule": "kaplan", "warmup_steps": d.warmup_steps, "schedule_steps":
-                                      d.schedule_steps, "hparams": "fixed", "batch": (8, 8)}
+                                      d.schedule_steps, "hparams": "fixed", "batch": (4, 4)}
     changed = {"head": {"flops_rule"}, "warmup": {"warmup_steps"}, "decay": {"schedule_steps"},
                "tuned": {"hparams", "batch"}}
     for prev, cur in zip(ablation.STEP_NAMES, ablation.STEP_NAMES[1:]):
@@ -88,7 +90,7 @@ def test_each_step_is_one_documented_change_over_the_one_before():
     assert cfgs["tuned"].hyper_rule() == isoflop.TUNED["quick"]
     for name, s in cfgs.items():  # same budgets, data and seeds; study names differ by step
         assert (s.budgets, s.data, s.train.seed, s.train.lr) == (acfg.search.budgets, acfg.search.data, 1337, 3e-3)
-        assert isoflop.study_name(s, top) == f"ablation-{name}-C1e12-{s.flops_rule}"
+        assert isoflop.study_name(s, top) == f"ablation-{name}-C3e11-{s.flops_rule}"
     assert ablation.BY_NAME["kaplan"].convention == "kaplan" and ablation.BY_NAME["head"].convention == "total"
 
 
@@ -201,6 +203,8 @@ def test_tiny_ablation_end_to_end_and_rerun_reuses_the_studies(tiny_ablation, st
     assert "kaplan/kaplan/approach3/a" in analyses[0].data.metrics and "tuned/total/approach3/a" in \
         analyses[0].data.metrics
     assert "protocol step kaplan" in out and "A2 a (kaplan)" in out
+    assert [x["step"] for x in fits["searches"]] == ["kaplan", "tuned"] and "tuned/search_wall_s" in \
+        analyses[0].data.metrics
     # re-running reuses the finished studies: no new trial runs, no new trials
     n_trials = {n: len(optuna.load_study(study_name=n, storage=storage).trials) for n in names}
     assert main_ablation(_args({**args, "out": str(store / "report2")})) == 0

@@ -379,7 +379,7 @@ def _report(cfg: analyze.AnalyzeConfig, out: tuple, launched: str | None, t0: fl
         experiment = next((e.strip() for e in cfg.experiment.split(",") if e.strip() not in ("", "*")), "scaling-lab")
         tags = {"scaling_lab.kind": "analyze", "source": cfg.source} | ({"group_by": cfg.group_by} if cfg.group_by
                                                                         else {})
-        runs = len(study.runs)
+        runs = len(study.runs) if cfg.group_by else sum(r["runs"] for r in results["conventions"].values())
         with tracking.run(experiment, f"analyze-{cfg.source}", run_id=launched, tags=tags,
                           system_metrics=False) as log:
             log.log_params({**results["config"], "runs": runs,
@@ -519,4 +519,8 @@ def main_ablation(argv: list[str]) -> int:
                                 filter_string=f"tags.study LIKE '{acfg.search.study_prefix}-%'", out=out,
                                 bootstrap=acfg.bootstrap, group_by="protocol")
     fitted, code = guarded(launched, lambda: _fit(cfg, keep=acfg.step_list()))
-    return code if code is not None else _report(cfg, fitted, launched, t0)
+    if code is not None:
+        return code
+    fitted[1]["searches"] = [{"step": d.step, "trials": sum(sum(b.trials.values()) for b in d.results),
+                              "wall_s": d.wall_s} for d in done]  # this invocation's time per step
+    return _report(cfg, fitted, launched, t0)

@@ -230,6 +230,9 @@ def report_blocks(results: dict[str, Any], figs: dict[str, list]) -> list[tuple]
                             "total: all parameters, C = 6 N_total D; exact: C = the matmul FLOPs the model does). "
                             "'own convention' is the counting the step's budgets were set in."),
                       ("table", head, rows), ("p", results["summary"])]
+    if results.get("searches"):
+        B.append(("p", "Searches of this invocation (studies reused from an earlier one train nothing): " + "; ".join(
+            f"{x['step']} {x['trials']} trials in {x['wall_s'] / 60:.1f} min" for x in results["searches"]) + "."))
     if "nopt" in figs:
         B.append(("img", Path(figs["nopt"][0]).name, "N_opt(C) of every step with its fitted lines (Approach 2 "
                                                      "solid, Approach 3 dashed), each in its own convention"))
@@ -280,6 +283,8 @@ def metrics_of(results: dict[str, Any]) -> dict[str, float]:
                     out[key + "_lo"], out[key + "_hi"] = ci
     for m in results.get("moves", []):
         out[f"{m['to']}/{m['approach']}/delta_a"] = m["delta"]
+    for x in results.get("searches", []):
+        out[f"{x['step']}/search_wall_s"] = x["wall_s"]
     return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(v)}
 
 
