@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scaling_lab import analyze, figures, report, sources
+from scaling_lab import analyze, figures, grouped, report, sources
 from scaling_lab.isoflop import HyperRule
 
 HELPERS = {"log_ticks", "tidy_ticks"}  # public, but not figures
@@ -98,6 +98,10 @@ def test_every_figure_has_readable_ticks_and_legends(drawn, tmp_path):
     rule = HyperRule.from_json(str(ROOT / "docs" / "tuning-quick.json"))
     assert figures.tune_cells(tuned["cells"], tmp_path / "tune") and figures.tune_rule(tuned["cells"], rule,
                                                                                          tuned["fit"], tmp_path / "tune")
+    no_a2 = {**objects["total"], "fit2": None, "budgets_c": np.array(objects["total"]["fit2"].budgets)}
+    panels = [grouped._panel("kaplan", "total", objects["total"], results), grouped._panel("tuned", "total", no_a2,
+                                                                                          results)]
+    assert figures.protocol_optimal(panels, tmp_path / "protocol", "nopt_by_protocol", "by protocol")
     assert called == FIGURES, f"figure functions not drawn by this test: {sorted(FIGURES - called)}"
     assert not problems, "\n".join(problems)
 

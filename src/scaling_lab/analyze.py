@@ -26,6 +26,7 @@ CONVENTION_CHOICES = ("all", "both", "kaplan", "total", "exact")  # both: an old
 A3_STARTS = 2  # Approach 3 bootstrap refits start from the full fit and another minimum (laws.a3_starts)
 KAPLAN_RESAMPLES = 200  # Kaplan's laws are refitted on the first 200 resamples only (intervals, not the verdict)
 A2_MIN_DRAWS = 1000  # Approach 2's parametric bootstrap draws at least this many
+GROUP_BY = ("", "protocol")  # group_by: one fit of all the runs, or one per ablation step (scaling_lab.grouped)
 ILLUSTRATIVE_FACTOR = 100.0  # extrapolations further beyond the fitted compute get no interval (illustrative)
 
 
@@ -69,6 +70,9 @@ class AnalyzeConfig:
     overlay: str = ""
     """"Quick vs real": draw a prediction over the measured runs: 'simulate' (the law source=simulate draws from)
     or an earlier analysis' fits.json (or its report folder), whose Approach 3 law is used; '' = none."""
+    group_by: str = ""
+    """'' (one fit of all the runs) or protocol: one fit per value of the runs' protocol tag (an ablation's steps,
+    scaling_lab.ablation), side by side: a per step under each convention, the N_opt(C) figure of every step."""
     log: bool = True
     """Log the analysis to an MLflow run tagged scaling_lab.kind=analyze."""
 
@@ -91,6 +95,10 @@ class AnalyzeConfig:
             raise ConfigError("noise", self.noise, "a number in [0, 1)")
         parse_budgets(self.budgets)
         parse_tags(self.tags)
+        if self.group_by not in GROUP_BY:
+            raise ConfigError("group_by", self.group_by, "'' (none) or protocol")
+        if self.group_by and self.overlay:
+            raise ConfigError("overlay", self.overlay, "'' with group_by (an overlay draws over one fit)")
         if self.overlay:
             load_prediction(self.overlay)
 

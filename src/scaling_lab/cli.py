@@ -18,7 +18,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from scaling_lab import analyze, config, data, doctor, estimate, isoflop, laws, report, search, tracking, tuning
+from scaling_lab import (
+    ablation,
+    analyze,
+    config,
+    data,
+    doctor,
+    estimate,
+    grouped,
+    isoflop,
+    laws,
+    report,
+    search,
+    tracking,
+    tuning,
+)
 from scaling_lab.counting import make_plan
 from scaling_lab.errors import (
     ConfigError,
@@ -42,6 +56,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": config.DTYPES, "compile": config.COMPILE_CHOICES, "tokenizer": config.TOKENIZERS,
     "sampler": isoflop.SAMPLERS, "pruner": isoflop.PRUNERS, "source": analyze.SOURCES,
     "convention": analyze.CONVENTION_CHOICES, "hparams": ("fixed", "tuned", "<tuning JSON path>"),
+    "group_by": ("''", *analyze.GROUP_BY[1:]), "steps": ablation.STEP_NAMES,
 }
 # One line per subcommand of the ``scaling-lab`` script; also each entry point's --help description.
 SUMMARIES = {
@@ -50,6 +65,7 @@ SUMMARIES = {
     "analyze": "Fit scaling laws to stored runs, a CSV or a simulation; write a report and log it to MLflow.",
     "doctor": "Check device, memory, stores, tokenizer and data for a mode.",
     "tune": "Tune lr and batch per (size, budget) cell; fit the rule a search uses.",
+    "ablation": "Kaplan's protocol to Chinchilla's, one step at a time: one isoFLOP search per step, one analysis.",
 }
 _PROG: contextvars.ContextVar[str | None] = contextvars.ContextVar("prog", default=None)  # "scaling-lab train"
 
@@ -421,6 +437,44 @@ def _print_analysis(results: dict[str, Any], cfg: analyze.AnalyzeConfig) -> None
               f"{100 * ce['median_abs_rel_err']:.2f}%, max {100 * ce['max_abs_rel_err']:.2f}%")
 
 
+def _fit(cfg: analyze.AnalyzeConfig, keep: tuple[str, ...] | None = None) -> tuple:
+    """Load and fit: one analysis, or one per group (group_by=protocol, the ablation's steps in their order)."""
+    study = analyze.load(cfg)
+    if cfg.group_by:
+        return study, *grouped.analyze_groups(study, cfg, ablation.STEP_NAMES, ablation.CONVENTION, keep)
+    return study, *analyze.analyze_study(study, cfg)
+
+
+def _report(cfg: analyze.AnalyzeConfig, out: tuple, launched: str | None, t0: float) -> int:
+    """Write the report, print the verdict, log the analysis run (``launched``, or a new one) with the report."""
+    study, results, objects = out
+    if cfg.group_by:
+        folder = grouped.write_report(results, objects, study, cfg.out)
+        print("\n".join(grouped.print_lines(results)))
+        metrics = grouped.metrics_of(results)
+    else:
+        folder = report.write_report(results, objects, study, cfg.out)
+        _print_analysis(results, cfg)
+        metrics = report.metrics_of(results)
+    run_id = ""
+    if cfg.log:
+        experiment = next((e.strip() for e in cfg.experiment.split(",") if e.strip() not in ("", "*")), "scaling-lab")
+        tags = {"scaling_lab.kind": "analyze", "source": cfg.source} | ({"group_by": cfg.group_by} if cfg.group_by
+                                                                        else {})
+        runs = len(study.runs) if cfg.group_by else sum(r["runs"] for r in results["conventions"].values())
+        with tracking.run(experiment, f"analyze-{cfg.source}", run_id=launched, tags=tags,
+                          system_metrics=False) as log:
+            log.log_params({**results["config"], "runs": runs,
+                            **({"csv_sha256": study.provenance["sha256"]} if "sha256" in study.provenance else {})})
+            log.log_metrics(metrics, step=0)
+            log.flush()
+            tracking.log_report(log.run_id, folder)
+            run_id = log.run_id
+    print(f"report: {folder / 'report.html'} (fits.json, report.md, figures) in {time.perf_counter() - t0:.1f} s"
+          + (f"; logged to MLflow run {run_id}" if run_id else ""))
+    return 0
+
+
 def main_analyze(argv: list[str]) -> int:
     """The ``analyze`` entry point: fit, print the verdict, write the report and log it to MLflow."""
     launched = tracking.launched_run_id()
@@ -430,30 +484,12 @@ def main_analyze(argv: list[str]) -> int:
         cfg = analyze.parse_config(parse(argv, analyze.field_names(), SUMMARIES["analyze"], (analyze.AnalyzeConfig,)))
         if cfg.log or cfg.source == "mlflow":
             tracking.require_store()
-        study = analyze.load(cfg)
-        return cfg, study, *analyze.analyze_study(study, cfg)
+        return cfg, _fit(cfg)
 
     out, code = guarded(launched, fit)
     if code is not None:
         return code
-    cfg, study, results, objects = out
-    folder = report.write_report(results, objects, study, cfg.out)
-    _print_analysis(results, cfg)
-    run_id = ""
-    if cfg.log:
-        experiment = next((e.strip() for e in cfg.experiment.split(",") if e.strip() not in ("", "*")), "scaling-lab")
-        tags = {"scaling_lab.kind": "analyze", "source": cfg.source}
-        with tracking.run(experiment, f"analyze-{cfg.source}", run_id=launched, tags=tags,
-                          system_metrics=False) as log:
-            log.log_params({**results["config"], "runs": sum(r["runs"] for r in results["conventions"].values()),
-                            **({"csv_sha256": study.provenance["sha256"]} if "sha256" in study.provenance else {})})
-            log.log_metrics(report.metrics_of(results), step=0)
-            log.flush()
-            tracking.log_report(log.run_id, folder)
-            run_id = log.run_id
-    print(f"report: {folder / 'report.html'} (fits.json, report.md, figures) in {time.perf_counter() - t0:.1f} s"
-          + (f"; logged to MLflow run {run_id}" if run_id else ""))
-    return 0
+    return _report(out[0], out[1], launched, t0)
 
 
 # --------------------------------------------------------------------------- doctor
@@ -524,6 +560,60 @@ def main_tune(argv: list[str]) -> int:
         return refuse(KeyboardInterrupt("interrupted; re-run the same command to continue the studies"), launched,
                       130)
     return 0
+
+
+# --------------------------------------------------------------------------- ablation
+
+
+def _ablation_config(argv: list[str]) -> ablation.AblationConfig:
+    args = parse(argv, ablation.ABLATION_FIELDS, SUMMARIES["ablation"], (ablation.AblationConfig,),
+                 {**isoflop.SEARCH_MODES["quick"], **ablation.ABLATION_MODES["quick"]})
+    acfg = ablation.resolve_ablation(args)
+    for scfg in ablation.step_configs(acfg).values():  # a budget too small for a step fails before anything runs
+        for c in scfg.budget_list():
+            isoflop.plan_budget(scfg, c)
+    data.validate_source(acfg.search.data)
+    return acfg
+
+
+def main_ablation(argv: list[str]) -> int:
+    """The ``ablation`` entry point: one isoFLOP search per protocol step (finished studies are reused), then one
+    analysis of all of them (group_by=protocol) logged to the run ``mlflow run`` made (or a new one)."""
+    launched = tracking.launched_run_id()
+    t0 = time.perf_counter()
+    acfg, code = guarded(launched, lambda: _ablation_config(argv))
+    if code is not None:
+        return code
+    if acfg.search.dry_run:
+        if launched:
+            tracking.end_stray_run(launched, "dry run: nothing trained")
+        print(ablation.format_ablation_plan(acfg))
+        return 0
+    try:
+        done = ablation.run_ablation(acfg)
+    except USER_ERRORS as exc:
+        return refuse(exc, launched)
+    except WorkersDied as exc:
+        return refuse(exc, launched, 1)
+    except KeyboardInterrupt:
+        return refuse(KeyboardInterrupt("interrupted; re-run the same command to continue the studies"), launched,
+                      130)
+    if not acfg.analyze:
+        if launched:
+            tracking.finish_invocation_run(launched, "\n\n".join(isoflop.table(d.results, d.scfg.flops_rule)
+                                                                  for d in done),
+                                           {r.study_name: r.parent_run_id for d in done for r in d.results})
+        return 0
+    out = acfg.out or str(report.default_out()).replace("analyze-", "ablation-")
+    cfg = analyze.AnalyzeConfig(experiment=acfg.search.experiment, tags="scaling_lab.kind=trial",
+                                filter_string=f"tags.study LIKE '{acfg.search.study_prefix}-%'", out=out,
+                                bootstrap=acfg.bootstrap, group_by="protocol")
+    fitted, code = guarded(launched, lambda: _fit(cfg, keep=acfg.step_list()))
+    if code is not None:
+        return code
+    fitted[1]["searches"] = [{"step": d.step, "trials": sum(sum(b.trials.values()) for b in d.results),
+                              "wall_s": d.wall_s} for d in done]  # this invocation's time per step
+    return _report(cfg, fitted, launched, t0)
 
 
 if __name__ == "__main__":  # python -m scaling_lab.cli <command> ...: the scaling-lab console script

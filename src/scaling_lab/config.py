@@ -142,7 +142,12 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     """Cosine decay ends at this fraction of lr."""
     warmup_frac: float = 0.1
-    """Fraction of steps of linear warmup."""
+    """Fraction of the run's own steps of linear warmup (used when warmup_steps is 0)."""
+    warmup_steps: int = 0
+    """Steps of linear warmup whatever the run's length (0 = warmup_frac of the run's steps)."""
+    schedule_steps: int = 0
+    """Length of the warmup + cosine schedule in steps (0 = the run's own steps: the decay ends at its last step);
+    longer runs stop mid-schedule where their budget ends, steps past it stay at min_lr_ratio * lr."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay on matrices."""
     beta1: float = 0.9
@@ -181,10 +186,12 @@ class TrainConfig:
         choice("flops_rule", self.flops_rule, FLOPS_RULES)
         for name in ("batch_size", "eval_tokens"):
             positive_int(name, getattr(self, name))
-        for name in ("micro_batch", "eval_every", "checkpoint_every", "seed"):
+        for name in ("micro_batch", "eval_every", "checkpoint_every", "seed", "warmup_steps", "schedule_steps"):
             positive_int(name, getattr(self, name), allow_zero=True)
         if self.micro_batch and self.batch_size % self.micro_batch:
             raise ConfigError("micro_batch", self.micro_batch, f"a divisor of batch_size={self.batch_size}")
+        if self.schedule_steps and self.warmup_steps > self.schedule_steps:
+            raise ConfigError("warmup_steps", self.warmup_steps, f"at most schedule_steps={self.schedule_steps}")
         positive_float("lr", self.lr)
         for name in ("weight_decay", "grad_clip"):
             positive_float(name, getattr(self, name), allow_zero=True)

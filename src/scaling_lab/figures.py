@@ -534,3 +534,40 @@ def tune_rule(cells: list[dict[str, Any]], rule: Any, fits: dict[str, Any], fold
         axes[0].set_title("lr*(N_total) (open = best trial)")
         axes[1].set_title("batch*(D) (open = best trial)")
         return _save(fig, folder, name)
+
+
+# --------------------------------------------------------------------------- the protocol ablation
+
+
+def protocol_optimal(panels: list[dict[str, Any]], folder: Path, name: str, title: str) -> list[Path]:
+    """N_opt against C, one panel per protocol step (Porian et al. 2024, Fig. 1 style): Approach 2's minima, its
+    fitted line (solid) and Approach 3's (dashed), Kaplan (0.73) and Chinchilla (0.50) slopes through the middle,
+    each step in its own convention (see ``grouped._panel`` for the keys)."""
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(2.9 * max(1, len(panels)) + 0.6, 3.6),
+                                 squeeze=False)
+        for ax, p in zip(axes[0], panels):
+            grid = p["grid"]
+            ax.scatter(p["budgets"], p["n_opt"], marker="s", s=20, color="#9467bd", zorder=3, label="A2 minima")
+            for key, ls, color in (("approach2", "-", "#9467bd"), ("approach3", "--", "#ff7f0e")):
+                a, ci = p["a2" if key == "approach2" else "a3"]
+                if p[key] is None or a is None:  # Approach 2 not fitted (no bracketed minimum)
+                    continue
+                iv = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and ci[0] is not None else ""
+                ax.plot(grid, p[key], ls=ls, color=color, label=f"{'A2' if key == 'approach2' else 'A3'} a = "
+                        f"{a:.2f}{iv}")
+            mid_c = math.exp(float(np.mean(np.log(grid))))
+            line = p["approach2"] if p["approach2"] is not None else p["approach3"]
+            mid_n = float(np.exp(np.interp(math.log(mid_c), np.log(grid), np.log(line))))
+            for slope, color, lab in ((laws.KAPLAN_A, KAPLAN_COLOR, "Kaplan"), (laws.CHINCHILLA_A, CHINCHILLA_COLOR,
+                                                                                "Chinchilla")):
+                ax.plot(grid, mid_n * (grid / mid_c) ** slope, ls=":", color=color, lw=1,
+                        label=f"{lab} {slope:.2f}")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"{p['name']} ({p['convention']})")
+            ax.set_xlabel("compute C (FLOPs)")
+            ax.set_ylabel(f"N_opt ({p['n_label']})")
+            ax.legend(loc="upper left", fontsize=6.5)
+        fig.suptitle(title)
+        return _save(fig, folder, name)

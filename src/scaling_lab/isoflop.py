@@ -101,8 +101,8 @@ TUNED: dict[str, HyperRule] = {
 
 # --------------------------------------------------------------------------- configuration
 
-# Set per trial by the design (the budget, the batch rule), so not search parameters.
-PER_TRIAL = ("tokens", "flops", "batch_size", "micro_batch", "eval_every", "resume")
+# Set per trial by the design (the budget, the batch rule), or by an ablation (protocol), so not search parameters.
+PER_TRIAL = ("tokens", "flops", "batch_size", "micro_batch", "eval_every", "resume", "protocol")
 
 
 @dataclass
@@ -164,6 +164,9 @@ class SearchConfig:
     """Context length of every trial."""
     dry_run: bool = False
     """Print each budget's plan (sizes, tokens, batch, estimated time) and exit; create no study and no run."""
+    protocol: str = ""
+    """Protocol step of an ablation (scaling_lab.ablation) this search is ('' = none): in the study names, and the
+    tag ``protocol`` of its studies and runs. Set by the ablation, not a search parameter."""
     data: DataConfig = field(default_factory=DataConfig)
     """Text, tokenizer and vocabulary of every trial (small vocabularies keep the embedding from dominating)."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -177,6 +180,8 @@ class SearchConfig:
         validate_storage_url(self.storage)
         if not self.study_prefix or any(c.isspace() for c in self.study_prefix):
             raise ConfigError("study_prefix", self.study_prefix, "a non-empty name without spaces")
+        if any(c.isspace() or c == "-" for c in self.protocol):
+            raise ConfigError("protocol", self.protocol, "a step name without spaces or '-' (scaling_lab.ablation)")
         self.anchor_list()  # validates
         config.choice("sampler", self.sampler, SAMPLERS)
         config.choice("pruner", self.pruner, PRUNERS)
@@ -328,7 +333,9 @@ class BudgetPlan:
 
 
 def study_name(scfg: SearchConfig, budget: float) -> str:
-    return f"{scfg.study_prefix}-C{budget:.3g}-{scfg.flops_rule}".replace("+", "")
+    """<study_prefix>-C<budget>-<flops_rule>, or <study_prefix>-<protocol>-C<budget>-<flops_rule> in an ablation."""
+    step = f"-{scfg.protocol}" if scfg.protocol else ""
+    return f"{scfg.study_prefix}{step}-C{budget:.3g}-{scfg.flops_rule}".replace("+", "")
 
 
 def min_budget(model: ModelConfig, scfg: SearchConfig) -> float:

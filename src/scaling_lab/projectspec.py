@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from scaling_lab import analyze, config, doctor, isoflop, tuning
+from scaling_lab import ablation, analyze, config, doctor, isoflop, tuning
 from scaling_lab.errors import ConfigError
 
 
@@ -43,6 +43,8 @@ ENTRY_POINTS: dict[str, EntryPoint] = {
     "doctor": EntryPoint("doctor.py", doctor.DOCTOR_FIELDS, (config.RunConfig, isoflop.SearchConfig), config.MODES),
     "analyze": EntryPoint("analyze.py", analyze.field_names(), (analyze.AnalyzeConfig,), {}, ("source",)),
     "tune": EntryPoint("tune.py", tuning.TUNE_FIELDS, (tuning.TuneConfig,), tuning.TUNE_MODES),
+    "ablation": EntryPoint("ablation.py", ablation.ABLATION_FIELDS, (ablation.AblationConfig, isoflop.SearchConfig),
+                           {m: {**isoflop.SEARCH_MODES[m], **p} for m, p in ablation.ABLATION_MODES.items()}),
 }
 _MLFLOW_TYPES = {bool: "string", int: "int", float: "float", str: "string"}
 CONFIRMATIONS = ("yes",)  # an answer, not a setting: passed as -P yes=true, never declared (nor logged as a default)

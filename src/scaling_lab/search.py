@@ -81,7 +81,7 @@ class Objective:
         tags = {"scaling_lab.kind": "trial", "study": plan.study_name, "budget": f"{plan.budget:g}",
                 "flops_rule": scfg.flops_rule, "trial_number": trial.number, "allocation": allocation,
                 "storage": tracking.masked(scfg.storage), "replica": replica, "seed": cfg.train.seed,
-                "hparams": scfg.hyper_rule().source}
+                "hparams": scfg.hyper_rule().source} | ({"protocol": scfg.protocol} if scfg.protocol else {})
         return cfg, tags, rung
 
     def __call__(self, trial: optuna.Trial) -> float:
@@ -371,7 +371,7 @@ def _study_budget(scfg: SearchConfig, plan: BudgetPlan, study: optuna.Study, bar
     process left RUNNING, the queue. Then the trials, without the lock."""
     tags = {"scaling_lab.kind": "study", "study": plan.study_name, "budget": f"{plan.budget:g}",
             "flops_rule": scfg.flops_rule, "storage": tracking.masked(scfg.storage),
-            "vocab_size": scfg.data.vocab_size}
+            "vocab_size": scfg.data.vocab_size} | ({"protocol": scfg.protocol} if scfg.protocol else {})
     lock = StudyLock(scfg.storage, plan.study_name).acquire()
     try:
         parent_id = tracking.find_study_run(scfg.experiment, plan.study_name, tracking.masked(scfg.storage))

@@ -93,6 +93,7 @@ def from_frame(frame: pd.DataFrame, histories: dict[str, dict[str, list]] | None
         "state": state[base.index].values,
         "budget": _num(base, "tags.budget").values,
         "flops_rule": base.get("tags.flops_rule", pd.Series("", index=base.index)).fillna("").values,
+        "protocol": base.get("tags.protocol", pd.Series("", index=base.index)).fillna("").values,  # an ablation step
     })
     if "metrics.final/val_loss" not in base.columns:
         raise ConfigError("final/val_loss", None, "a final/val_loss metric on the selected runs (none has one)")

@@ -115,14 +115,18 @@ class TrainResult:
     """Passes over the train split: tokens trained / tokens in the split (>1 repeats the data)."""
 
 
-def lr_at(step: int, steps: int, peak: float, warmup_frac: float, min_ratio: float) -> float:
-    """Linear warmup, then cosine to min_ratio * peak exactly at the last step (step is 0-based)."""
-    warmup = int(warmup_frac * steps)
+def lr_at(step: int, steps: int, peak: float, warmup_frac: float, min_ratio: float, warmup_steps: int = 0,
+          schedule_steps: int = 0) -> float:
+    """Linear warmup (``warmup_steps``, else ``warmup_frac`` of the run's ``steps``), then cosine to min_ratio * peak
+    at the schedule's last step: the run's last step, or step ``schedule_steps`` - 1 when that is set (a run
+    shorter than it stops mid-schedule; steps past it stay at min_ratio * peak). ``step`` is 0-based."""
+    horizon = schedule_steps or steps
+    warmup = warmup_steps or int(warmup_frac * steps)
     if step < warmup:
         return peak * (step + 1) / warmup
-    if steps - 1 <= warmup:
+    if horizon - 1 <= warmup:
         return peak
-    progress = (step - warmup) / (steps - 1 - warmup)  # 0 -> 1 over the decay
+    progress = min(1.0, (step - warmup) / (horizon - 1 - warmup))  # 0 -> 1 over the decay
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -334,7 +338,7 @@ def train_step(s: Session, step: int, stop: Any) -> tuple[torch.Tensor, torch.Te
     Returns (train/loss averaged over the whole batch, gradient norm, lr); loss and norm stay on the device (no
     host sync: ``fit`` reads them back in its logging batch)."""
     tc = s.cfg.train
-    lr = lr_at(step, s.plan.steps, tc.lr, tc.warmup_frac, tc.min_lr_ratio)
+    lr = lr_at(step, s.plan.steps, tc.lr, tc.warmup_frac, tc.min_lr_ratio, tc.warmup_steps, tc.schedule_steps)
     for group in s.optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=s.device)
