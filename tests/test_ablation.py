@@ -15,7 +15,7 @@ import pytest
 import yaml
 from servers import store_runs as _runs
 
-from scaling_lab import ablation, analyze, config, grouped, isoflop, sources
+from scaling_lab import ablation, analyze, config, grouped, isoflop, projectspec, sources
 from scaling_lab.cli import main_ablation, main_analyze
 from scaling_lab.counting import make_plan
 from scaling_lab.errors import ConfigError
@@ -97,12 +97,14 @@ def test_each_step_is_one_documented_change_over_the_one_before():
 def test_mlproject_ablation_and_analyze_entries():
     spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
     entry = spec["ablation"]
-    assert list(entry["parameters"]) == ablation.ABLATION_FIELDS
+    # declared: the fields with a default no mode changes (projectspec); the rest pass as extra -P name=value
+    assert list(entry["parameters"]) == list(projectspec.parameters("ablation"))
+    assert {"mode", "steps", "storage"} <= set(entry["parameters"]) <= set(ablation.ABLATION_FIELDS)
     assert entry["command"].startswith("PYTHONPATH=src:$PYTHONPATH python mlproject/ablation.py")
-    for name in ablation.ABLATION_FIELDS:
+    for name in entry["parameters"]:
         assert f"--{name} {{{name}}}" in entry["command"]
     assert not set(ablation.STEP_FIELDS) & set(ablation.ABLATION_FIELDS)  # the steps set them
-    assert "group_by" in spec["analyze"]["parameters"] and "--group_by {group_by}" in spec["analyze"]["command"]
+    assert "group_by" in analyze.field_names()  # -P group_by=protocol reaches the one parser as --group_by
     for name in ("warmup_steps", "schedule_steps"):
         assert name in spec["main"]["parameters"] and name in spec["search"]["parameters"]
 
@@ -131,7 +133,9 @@ def test_dry_run_prints_every_step_and_the_total(tiny_ablation, store, capsys):
     out = capsys.readouterr().out
     for step in ("kaplan", "head"):
         assert f"== step {step}:" in out and f"ablation-{step}-C6e09-" in out
-    assert "seed 1337" in out and "warmup 5 steps (fixed)" in out and out.count("budget total:") == 4
+    warm = ablation.design(ablation.resolve_ablation({**tiny_ablation, "steps": "kaplan"}).search).warmup_steps
+    assert warm >= 1 and "seed 1337" in out and f"warmup {warm} steps (fixed)" in out
+    assert out.count("budget total:") == 4
     assert "ablation total:" in out and "kaplan " in out.splitlines()[-1]
     assert not (store / "optuna.db").exists() and not _runs(store)
 
@@ -161,28 +165,28 @@ def test_tiny_ablation_end_to_end_and_rerun_reuses_the_studies(tiny_ablation, st
         assert {p.data.tags["study"] for p in parents if p.data.tags.get("protocol") == step} == set(mine)
         children = [r for r in trials if r.data.tags.get("protocol") == step]
         assert children and {r.data.tags["study"] for r in children} == set(mine)
-        trained = [r for r in children if "resolved.lr" in r.data.params]  # not the twin-anchor copies
+        trained = [r for r in children if "lr" in r.data.params]  # not the twin-anchor copies
         assert len(trained) >= 6
         for r in trained:  # the step's options, read back from what each trial logged
             p = r.data.params
-            assert p["resolved.flops_rule"] == rule_name == r.data.tags["flops_rule"]
+            assert p["flops_rule"] == rule_name == r.data.tags["flops_rule"]
             if step == "kaplan":
-                assert (p["resolved.warmup_steps"], p["resolved.schedule_steps"]) == (str(d.warmup_steps),
+                assert (p["warmup_steps"], p["schedule_steps"]) == (str(d.warmup_steps),
                                                                                      str(d.schedule_steps))
-                assert float(p["resolved.lr"]) == 3e-3 and p["resolved.batch_size"] == str(d.batch)
+                assert float(p["lr"]) == 3e-3 and p["batch_size"] == str(d.batch)
                 assert int(p["steps"]) <= d.schedule_steps  # every run stops at or before the schedule's end
             else:
-                assert (p["resolved.warmup_steps"], p["resolved.schedule_steps"]) == ("0", "0")
-                assert float(p["resolved.lr"]) == pytest.approx(6e-3 * (float(p["n_params_total"]) / 1e5) ** -0.5)
-                assert p["resolved.batch_size"] == "8"
+                assert (p["warmup_steps"], p["schedule_steps"]) == ("0", "0")
+                assert float(p["lr"]) == pytest.approx(6e-3 * (float(p["n_params_total"]) / 1e5) ** -0.5)
+                assert p["batch_size"] == "8"
             budget = float(r.data.tags["budget"])
             per_token = float(p[f"flops_{rule_name}"]) / float(p["tokens_trained"])
             step_flops = float(p["tokens_per_step"]) * per_token  # C under the step's own rule, to one step
             assert budget - step_flops <= float(p[f"flops_{rule_name}"]) <= budget
         if step == "kaplan":
-            assert len({float(r.data.params["resolved.lr"]) for r in trained}) == 1
+            assert len({float(r.data.params["lr"]) for r in trained}) == 1
         else:
-            assert len({float(r.data.params["resolved.lr"]) for r in trained}) >= 3  # lr per size
+            assert len({float(r.data.params["lr"]) for r in trained}) >= 3  # lr per size
     # the grouped analysis: one row per step, fits.json with one entry per step, the figure, logged to MLflow
     fits = json.loads((store / "report" / "fits.json").read_text())
     assert fits["group_by"] == "protocol" and list(fits["protocol"]) == ["kaplan", "tuned"]

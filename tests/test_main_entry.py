@@ -54,7 +54,7 @@ def test_declared_parameters_are_exactly_the_mode_independent_fields():
     for name in config.field_names():
         varies = any(name in preset and preset[name] != defaults[name] for preset in config.MODES.values())
         automatic = defaults[name] == ""
-        assert (name in main) == (not varies and not automatic and name not in ("experiment", "flops")), name
+        assert (name in main) == (not varies and not automatic and name not in ("experiment", "flops", *projectspec.CONFIRMATIONS)), name
     assert {"n_embd", "tokens", "lr", "dataset", "resume", "run_name", "cache_dir"}.isdisjoint(main)
     assert main["seed"] == {"type": "int", "default": 1337} and main["grad_clip"] == {"type": "float", "default": 1.0}
     search = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["search"]
