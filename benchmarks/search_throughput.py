@@ -51,13 +51,15 @@ def trained_flops(store: Path) -> tuple[float, int]:
     return sum(r.data.metrics.get("progress/flops_seen", 0.0) for r in runs), len(runs)
 
 
-def run_search(args: list[str], root: Path, name: str, busy: bool) -> dict:
-    """One search command in ``root/name``; with ``busy`` a single-core busy loop runs beside it."""
+def run_search(args: list[str], root: Path, name: str, busy: bool, workers: int = 1) -> dict:
+    """One search command in ``root/name``; with ``busy`` a single-core busy loop runs beside it; ``workers`` > 1
+    share a journal storage (Optuna JournalStorage, one file: several workers on one machine)."""
     store = root / name
     store.mkdir()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
            "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false", "PYTHONPATH": str(ROOT / "src")}
-    cmd = [sys.executable, str(SEARCH), *args, "--storage", f"sqlite:///{store / 'optuna.db'}", "--experiment", name]
+    storage = f"journal:///{store / 'optuna.log'}" if workers > 1 else f"sqlite:///{store / 'optuna.db'}"
+    cmd = [sys.executable, str(SEARCH), *args, "--storage", storage, "--experiment", name, "--workers", str(workers)]
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
         t0 = time.perf_counter()
@@ -77,7 +79,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny mode at budgets=6e9 with 2 seeds (seconds)")
     ap.add_argument("--budgets", default="", help="default: 1e11 (quick), 6e9 (smoke)")
-    ap.add_argument("--variants", default="stacked,unstacked,stacked+busy")
+    ap.add_argument("--variants", default="stacked,unstacked,stacked+busy,stacked+workers2",
+                    help="comma-separated: stacked or unstacked, optionally +busy (a busy core beside it) and "
+                         "+workers2 (two workers on a journal storage)")
     args = ap.parse_args()
     data = os.environ.get("SCALING_LAB_TEST_DATA", str(ROOT.parent / "shared" / "data" / "wikitext-2-raw-v1"))
     mode, budgets = ("tiny", args.budgets or "6e9") if args.smoke else ("quick", args.budgets or "1e11")
@@ -90,7 +94,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.variants.split(","):
             stack = "false" if variant.startswith("unstacked") else "true"
-            rows.append(run_search([*base, "--stack_replicas", stack], Path(tmp), variant, variant.endswith("+busy")))
+            rows.append(run_search([*base, "--stack_replicas", stack], Path(tmp), variant, "+busy" in variant,
+                                   2 if "+workers2" in variant else 1))
             r = rows[-1]
             print(f"{r['variant']:<16} {r['trials']:>3} trials {r['wall_s']:>8.1f} s {r['flops']:>10.3e} FLOPs "
                   f"{r['flops'] / r['wall_s'] / 1e9:>8.2f} GFLOP/s {100 * r['flops'] / r['wall_s'] / peak:>6.2f}% of peak",
@@ -101,6 +106,8 @@ def main() -> None:
               "(goal: at most 2.0x)")
     if "stacked" in by and "unstacked" in by:
         print(f"stacking: {by['unstacked']['wall_s'] / by['stacked']['wall_s']:.2f}x faster than unstacked")
+    if "stacked" in by and "stacked+workers2" in by:
+        print(f"two workers: {by['stacked']['wall_s'] / by['stacked+workers2']['wall_s']:.2f}x faster than one")
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ def test_tiny_ablation_end_to_end_and_rerun_reuses_the_studies(tiny_ablation, st
     rule = {"rule": {"lr_coef": 6e-3, "lr_exp": -0.5, "batch_coef": 8.0, "batch_exp": 0.0, "source": "test rule"}}
     (store / "rule.json").write_text(json.dumps(rule))
     args = {**tiny_ablation, "steps": "kaplan,tuned", "tuned_rule": str(store / "rule.json"), "pruner": "none",
-            "bootstrap": "20", "out": str(store / "report")}
+            "bootstrap": "20", "out": str(store / "report"), "anchors": "chinchilla", "pad_below": "1"}  # 3 sizes a budget
     assert main_ablation(_args(args)) == 0
     out = capsys.readouterr().out
     acfg = ablation.resolve_ablation({k: v for k, v in args.items()})

@@ -215,7 +215,8 @@ def load_csv(path: str | Path, columns: str = "", rtol: float = 0.05) -> RunTabl
 # Simulation: an illustrative law in total N (not a published fit): Hoffmann et al.'s exponents with A, B, E
 # chosen so that the minimum at C = 1e12 lands near the N_total ≈ 44k measured on CPU (design/PROBES.md).
 SIM_LAW = {"E": 1.8, "A": 40.0, "B": 60.0, "alpha": 0.34, "beta": 0.28}
-SIM_SHAPES = [(f.n_layer, f.n_embd) for f in family.family(513, 128)[:18]]  # the search's family, 6.9k..2.2M N_total
+SIM_SHAPES = [(f.n_layer, f.n_embd) for f in family.family(513, 128)  # the search's family, 18 sizes 6.9k..2.2M N_total
+              if f.n_params_total >= 6_000][:18]
 SIM_BUDGETS = [3e11, 1e12, 3e12, 1e13]  # FLOPs under the total rule
 SIM_VOCAB, SIM_BLOCK, SIM_TOKENS_PER_STEP = 513, 128, 2048  # quick mode: vocab_size 512 (+ end-of-text), 16 x 128
 

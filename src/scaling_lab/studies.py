@@ -134,8 +134,9 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
 
 
 def has_heartbeat(storage: optuna.storages.BaseStorage) -> bool:
-    """Whether Optuna fails a dead worker's trial itself (RDB heartbeats); a journal file does not."""
-    return isinstance(storage, RDBStorage)
+    """Whether Optuna fails a dead worker's trial itself (RDB heartbeats); a journal file does not. A study's RDB
+    storage comes wrapped in Optuna's cache (``_backend`` is the RDBStorage)."""
+    return isinstance(getattr(storage, "_backend", storage), RDBStorage)
 
 
 def make_sampler(scfg: SearchConfig) -> optuna.samplers.BaseSampler:

@@ -448,8 +448,8 @@ def finish(s: Session, log: Logger, val_loss: float, stopped: bool, loop_s: floa
     if s.rank == 0:
         save_checkpoint(s.ckpt, s.model, s.optimizer, done, s.cfg, s.history, log.unsent())
     log.flush()  # raises TrackingUnavailable when the store is away: the checkpoint keeps the metrics
-    if s.rank == 0:
-        upload_checkpoint(s, log)  # the final state, now that the store answers
+    if s.rank == 0 and s.cfg.train.save_checkpoint:  # the final state, now that the store answers (a finished
+        upload_checkpoint(s, log)  # run needs no resume: searches would copy every trial's optimizer state)
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "config.json"
         cfg_path.write_text(json.dumps(s.cfg.flat(), indent=2))
