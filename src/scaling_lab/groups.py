@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from typing import Any
 
 import optuna
@@ -41,7 +42,9 @@ def run_group(study: optuna.Study, objective: Any, group: list[int], lock: Study
     ``objective`` is the search's Objective (``prepare(trial)``, ``parent_run_id``, ``scfg``). A trial that is not
     one of the group (another worker took one first) or whose size and seed already trained alone runs through
     ``objective`` as usual. Returns the numbers of the trials it ran. KeyboardInterrupt on a signal."""
-    trials = [study.ask() for _ in group]
+    with warnings.catch_warnings():  # "Heartbeat ... with Study.optimize": each asked trial gets its own below
+        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+        trials = [study.ask() for _ in group]
     lock.release()
     with contextlib.ExitStack() as beats:
         for t in trials:
