@@ -548,3 +548,53 @@ def test_closing_table_says_what_became_of_each_anchor():
     res = study_of((TrialState.FAIL, "kaplan", None), (TrialState.COMPLETE, "kaplan", 4.4),
                    (TrialState.COMPLETE, "chinchilla", 4.5))  # the retry completed: its loss, and a winner
     assert (res.kaplan_state, res.kaplan_loss, res.winner) == ("COMPLETE", 4.4, "kaplan")
+
+
+def test_seed_replicas_that_move_the_best_next_to_an_edge_widen_again(monkeypatch):
+    """The best size is read from the mean over seeds, so the extra seeds can move it: here seed 0 puts the best
+    2 sizes above the smallest, and the replicas of its lower neighbour make that neighbour the best, with one
+    COMPLETE size below it. The study widens again and seeds the new neighbours, until 2 COMPLETE sizes lie below
+    the best (seen in a quick ablation: the kaplan step's 3e11 study ended 1|3 before this). Real Optuna study
+    (in memory); the trainer is replaced by losses set per (size, seed), and nothing is logged."""
+    import contextlib
+
+    from optuna.trial import TrialState
+    from tqdm import tqdm
+
+    from scaling_lab import search as search_mod
+    from scaling_lab.studies import enqueue_missing, replica_of, rung_of
+
+    scfg = resolve_search({"mode": "quick", "budgets": "1e11", "anchors": "chinchilla"})
+    plan = plan_budget(scfg, 1e11)
+    assert plan.lo >= 1 and plan.hi - plan.lo >= 4 and scfg.replicas >= 1 and scfg.widen >= 1
+    b = plan.lo + 2  # seed 0's best: 2 sizes below it, so no widening before the seeds
+
+    def loss(rung: int, replica: int) -> float:
+        return 2.9 if (rung == b - 1 and replica) else 3.0 + 0.01 * (rung - b) ** 2
+
+    def train_waiting(scfg_, plan_, study, plog, target, bar, out, pruner) -> None:
+        while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            trial = study.ask()
+            rung = trial.suggest_int("rung", 0, plan_.cap)
+            m = model_at(rung, scfg_.data.vocab_size, scfg_.block_size)
+            for k, v in {"n_embd": m.n_embd, "n_params": 1, "tokens_trained": 10, "n_params_total":
+                         counting.n_params_total(m.n_layer, m.n_embd, m.n_vocab, m.block_size)}.items():
+                trial.set_user_attr(k, v)
+            study.tell(trial, loss(rung, int(trial.user_attrs.get("replica", 0))))
+
+    monkeypatch.setattr(search_mod, "_trials_until", train_waiting)
+    monkeypatch.setattr(search_mod, "log_parent", lambda *a, **k: None)
+    study = optuna.create_study(direction="minimize")
+    enqueue_missing(study, plan, grid=True)
+    lo = plan.lo
+
+    class Log:
+        run_id = "run"
+
+    res = search_mod._run_budget(scfg, plan, study, Log(), 0, tqdm(total=0, disable=True), open(os.devnull, "w"), None,
+                                 contextlib.nullcontext())
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert res.best_rung == b - 1 and res.edge == "none" and res.below >= 2 and res.above >= 2
+    assert plan.lo == lo - 1 and lo - 1 in {rung_of(t) for t in done}  # widened after the seeds moved the best
+    seeded = {rung_of(t) for t in done if replica_of(t)}
+    assert seeded == {b - 2, b - 1, b, b + 1}  # seed 0's best and its neighbours, then the new best's lower one

@@ -332,25 +332,29 @@ def _retarget(scfg: SearchConfig, plan: BudgetPlan, study: optuna.Study, bar: tq
 def _run_budget(scfg: SearchConfig, plan: BudgetPlan, study: optuna.Study, plog: tracking.RunLogger, target: int,
                 bar: tqdm, out: TextIO, pruner: optuna.pruners.BasePruner | None, lock: StudyLock) -> BudgetResult:
     """One budget: its trials; widening, one size at a time (at most ``widen``), until ``bracket`` COMPLETE sizes
-    lie on each side of the best; then ``replicas`` extra seeds of the best size and its two neighbours; then the
-    result on the study's parent run."""
-    for rounds in range(scfg.widen + 1):
+    lie on each side of the best; ``replicas`` extra seeds of the best size and its two neighbours; and again,
+    because the seeds' mean can move the best next to an edge; then the result on the study's parent run."""
+    widened = 0
+    while True:
         _trials_until(scfg, plan, study, plog, target, bar, out, pruner)
         res = summarize(study, plan, plog.run_id, scfg.bracket)
-        if res.edge == "none" or rounds == scfg.widen:
-            break
-        with lock:
-            if not widen_once(study, plan, res):
-                break
-        target = _retarget(scfg, plan, study, bar, target)
-        print(f"  {plan.study_name}: {res.below} COMPLETE size(s) below and {res.above} above the best "
-              f"(want {scfg.bracket}); widening to n_embd {plan.widths[plan.lo]}..{plan.widths[plan.hi]}", file=out)
-    if scfg.replicas and res.best_rung >= 0:
-        with lock:
-            studies.enqueue_replicas(study, res.best_rung, scfg.replicas)
-        target = _retarget(scfg, plan, study, bar, target)
-        _trials_until(scfg, plan, study, plog, target, bar, out, pruner)
-        res = summarize(study, plan, plog.run_id, scfg.bracket)
+        if res.edge != "none" and widened < scfg.widen:
+            with lock:
+                grew = widen_once(study, plan, res)
+            if grew:
+                widened += 1
+                target = _retarget(scfg, plan, study, bar, target)
+                print(f"  {plan.study_name}: {res.below} COMPLETE size(s) below and {res.above} above the best "
+                      f"(want {scfg.bracket}); widening to n_embd {plan.widths[plan.lo]}..{plan.widths[plan.hi]}",
+                      file=out)
+                continue
+        if scfg.replicas and res.best_rung >= 0:
+            with lock:
+                added = studies.enqueue_replicas(study, res.best_rung, scfg.replicas)
+            if added:  # train them, then look at the bracket again
+                target = _retarget(scfg, plan, study, bar, target)
+                continue
+        break
     log_parent(plog, study, plan, res, scfg.storage)
     return res
 
