@@ -208,6 +208,18 @@ def guarded(launched: str | None, work: Callable[[], Any]) -> tuple[Any, int | N
         return None, refuse(exc, launched)
 
 
+def guarded_search(launched: str | None, work: Callable[[], Any]) -> tuple[Any, int | None]:
+    """``guarded`` for work that trains studies, plus its two other ways to stop: a worker died (exit 1), or
+    Ctrl-C (exit 130; the same command continues the studies)."""
+    try:
+        return guarded(launched, work)
+    except WorkersDied as exc:
+        return None, refuse(exc, launched, 1)
+    except KeyboardInterrupt:
+        return None, refuse(KeyboardInterrupt("interrupted; re-run the same command to continue the studies"),
+                            launched, 130)
+
+
 def check_writable_dir(param: str, path: str) -> None:
     """Fail before any run exists when folder ``path`` cannot be created or written: the nearest existing path at
     or above it must be a writable folder. Creates nothing (a dry run leaves no folder behind)."""
@@ -357,7 +369,7 @@ def main_train(argv: list[str]) -> int:
           f"{result.steps} steps, {result.tokens_trained:,} tokens in {result.wall_s:.1f} s "
           f"({result.tokens_per_s:,.0f} tokens/s, metric logging {overhead:.2f}% of wall time). "
           f"{estimate.summary(est, result.wall_s)}"
-          f"Open the UI: mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+          f"Open the UI: {tracking.ui_hint(result.run_id)}")
     return 0
 
 
@@ -402,15 +414,9 @@ def main_search(argv: list[str]) -> int:
     _, code = guarded(launched, lambda: _search_checks(scfg))
     if code is not None:
         return code
-    try:
-        results = search.run_search(scfg)
-    except USER_ERRORS as exc:
-        return refuse(exc, launched)
-    except WorkersDied as exc:
-        return refuse(exc, launched, 1)
-    except KeyboardInterrupt:
-        return refuse(KeyboardInterrupt("interrupted; re-run the same command to continue the studies"), launched,
-                      130)
+    results, code = guarded_search(launched, lambda: search.run_search(scfg))
+    if code is not None:
+        return code
     if launched:
         tracking.finish_invocation_run(launched, isoflop.table(results, scfg.flops_rule),
                                        {r.study_name: r.parent_run_id for r in results})
@@ -589,15 +595,9 @@ def main_ablation(argv: list[str]) -> int:
             tracking.end_stray_run(launched, "dry run: nothing trained")
         print(ablation.format_ablation_plan(acfg))
         return 0
-    try:
-        done = ablation.run_ablation(acfg)
-    except USER_ERRORS as exc:
-        return refuse(exc, launched)
-    except WorkersDied as exc:
-        return refuse(exc, launched, 1)
-    except KeyboardInterrupt:
-        return refuse(KeyboardInterrupt("interrupted; re-run the same command to continue the studies"), launched,
-                      130)
+    done, code = guarded_search(launched, lambda: ablation.run_ablation(acfg))
+    if code is not None:
+        return code
     if not acfg.analyze:
         if launched:
             tracking.finish_invocation_run(launched, "\n\n".join(isoflop.table(d.results, d.scfg.flops_rule)
