@@ -126,6 +126,8 @@ def test_mlflow_run_tiny_end_to_end(tiny, store):
     runs = _runs(store)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     run = runs[0]
+    # the link opens the UI's model-training view (3.17 opens GenAI's otherwise) on this run
+    assert f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning" in proc.stdout
     client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
     assert steps == list(range(1, int(run.data.params["steps"]) + 1))

@@ -63,6 +63,15 @@ def tracking_uri() -> str:
     return uri if uri else f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def ui_hint(run_id: str) -> str:
+    """Where to see a run. MLflow 3.17's UI opens every experiment in its GenAI view unless the link asks for
+    ``workflowType=machine_learning`` (its sidebar switch), whatever the experiment's kind tag says."""
+    exp_id = MlflowClient().get_run(run_id).info.experiment_id
+    uri, path = tracking_uri(), f"#/experiments/{exp_id}/runs/{run_id}?workflowType=machine_learning"
+    web = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    return ("" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}, then ") + f"{web}/{path}"
+
+
 _OPENED: set[str] = set()  # stores this process has opened (created if new) already
 
 
