@@ -15,6 +15,7 @@ except ModuleNotFoundError:  # Python 3.10: pytest's own dependency
 
 from scaling_lab import analyze, cli, config, doctor, isoflop
 from scaling_lab.errors import ConfigError
+from scaling_lab.links import ui_hint
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("train", "search", "analyze", "doctor")
@@ -208,3 +209,16 @@ def test_mlflow_run_command_line_reaches_the_one_parser_with_extras(tmp_path):
 def argv_start(tokens: list[str]) -> int:
     """Index of the first flag after `python mlproject/main.py` in a shell-split command."""
     return tokens.index("mlproject/main.py") + 1
+
+
+@pytest.mark.parametrize("uri,shown,hidden", [
+    ("sqlite:////tmp/x/mlflow.db", "mlflow ui --backend-store-uri sqlite:////tmp/x/mlflow.db, then "
+     "http://127.0.0.1:5000/#/experiments/7/runs/abc?workflowType=machine_learning", ""),
+    ("http://host:5000/", "http://host:5000/#/experiments/7/runs/abc?workflowType=machine_learning", ""),
+    ("https://ann:s3cret@host/mlflow", "https://host/mlflow/#/experiments/7/runs/abc?", "s3cret"),
+    ("postgresql://ann:s3cret@db/mlflow", "--backend-store-uri postgresql://ann:***@db/mlflow, then", "s3cret"),
+])
+def test_ui_link_opens_the_model_training_view_and_never_shows_a_password(uri, shown, hidden):
+    text = ui_hint("7", "abc", uri)
+    assert shown in text and text.endswith("#/experiments/7/runs/abc?workflowType=machine_learning")
+    assert not hidden or hidden not in text

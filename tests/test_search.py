@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -14,10 +15,13 @@ import numpy as np
 import optuna
 import pytest
 import yaml
+from optuna.trial import TrialState
 from servers import store_client as _client
 from servers import store_runs as _runs
+from tqdm import tqdm
 
 from scaling_lab import analyze, config, counting, projectspec, sources
+from scaling_lab import search as search_mod
 from scaling_lab.cli import main_search as main
 from scaling_lab.counting import chinchilla_n, kaplan_n
 from scaling_lab.isoflop import (
@@ -35,11 +39,14 @@ from scaling_lab.studies import (
     BracketPruner,
     StudyLock,
     artifact_dir,
+    enqueue_missing,
     fail_stale_running,
     load_study,
     make_sampler,
     make_storage,
+    replica_of,
     retry_failed_once,
+    rung_of,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -464,8 +471,9 @@ def test_search_widens_until_bracketed_and_trains_seed_replicas(tiny_search, sto
     for t in trials:
         if t.state.name == "COMPLETE":
             by_rung.setdefault(t.params["rung"], []).append(runs[t.user_attrs["mlflow_run_id"]])
-    seeded = {r: rs for r, rs in by_rung.items() if len(rs) > 1}
-    assert res.best_rung in seeded and len(seeded) == 3 and all(len(rs) == 2 for rs in seeded.values())
+    seeded = {r: rs for r, rs in by_rung.items() if len(rs) > 1}  # more than 3 when the seeds moved the best
+    assert {res.best_rung - 1, res.best_rung, res.best_rung + 1} <= set(seeded)
+    assert all(len(rs) == 2 for rs in seeded.values())
     for rs in seeded.values():
         seeds = sorted(int(r.data.params["seed"]) for r in rs)
         assert seeds == [scfg.seed, scfg.seed + 1]
@@ -478,7 +486,7 @@ def test_search_widens_until_bracketed_and_trains_seed_replicas(tiny_search, sto
     table = sources.load_mlflow(analyze.AnalyzeConfig(experiment=tiny_search["experiment"], log=False))
     runs = table.runs
     std, sizes = analyze.seed_noise(np.zeros(len(runs)), runs["n_params_total"].to_numpy(), runs["loss"].to_numpy())
-    assert sizes == 3 and std == pytest.approx(pooled, rel=1e-6)  # the analysis averages and measures the same
+    assert sizes == len(seeded) and std == pytest.approx(pooled, rel=1e-6)  # the analysis averages and measures the same
 
 
 def test_storage_messages_name_journal_and_workers_may_share_a_journal(tmp_path):
@@ -556,14 +564,6 @@ def test_seed_replicas_that_move_the_best_next_to_an_edge_widen_again(monkeypatc
     COMPLETE size below it. The study widens again and seeds the new neighbours, until 2 COMPLETE sizes lie below
     the best (seen in a quick ablation: the kaplan step's 3e11 study ended 1|3 before this). Real Optuna study
     (in memory); the trainer is replaced by losses set per (size, seed), and nothing is logged."""
-    import contextlib
-
-    from optuna.trial import TrialState
-    from tqdm import tqdm
-
-    from scaling_lab import search as search_mod
-    from scaling_lab.studies import enqueue_missing, replica_of, rung_of
-
     scfg = resolve_search({"mode": "quick", "budgets": "1e11", "anchors": "chinchilla"})
     plan = plan_budget(scfg, 1e11)
     assert plan.lo >= 1 and plan.hi - plan.lo >= 4 and scfg.replicas >= 1 and scfg.widen >= 1
@@ -591,8 +591,9 @@ def test_seed_replicas_that_move_the_best_next_to_an_edge_widen_again(monkeypatc
     class Log:
         run_id = "run"
 
-    res = search_mod._run_budget(scfg, plan, study, Log(), 0, tqdm(total=0, disable=True), open(os.devnull, "w"), None,
-                                 contextlib.nullcontext())
+    with open(os.devnull, "w") as out:
+        res = search_mod._run_budget(scfg, plan, study, Log(), 0, tqdm(total=0, disable=True), out, None,
+                                     contextlib.nullcontext())
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert res.best_rung == b - 1 and res.edge == "none" and res.below >= 2 and res.above >= 2
     assert plan.lo == lo - 1 and lo - 1 in {rung_of(t) for t in done}  # widened after the seeds moved the best

@@ -28,6 +28,7 @@ from scaling_lab import (
     grouped,
     isoflop,
     laws,
+    links,
     report,
     search,
     tracking,
@@ -369,7 +370,7 @@ def main_train(argv: list[str]) -> int:
           f"{result.steps} steps, {result.tokens_trained:,} tokens in {result.wall_s:.1f} s "
           f"({result.tokens_per_s:,.0f} tokens/s, metric logging {overhead:.2f}% of wall time). "
           f"{estimate.summary(est, result.wall_s)}"
-          f"Open the UI: {tracking.ui_hint(result.run_id)}")
+          f"Open the UI: {links.ui_hint(log.experiment_id, result.run_id)}")
     return 0
 
 

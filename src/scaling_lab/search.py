@@ -322,8 +322,10 @@ def _trials_until(scfg: SearchConfig, plan: BudgetPlan, study: optuna.Study, plo
         run_workers(scfg, plan, plog.run_id, target, study, bar, out)
 
 
-def _retarget(scfg: SearchConfig, plan: BudgetPlan, study: optuna.Study, bar: tqdm, target: int) -> int:
-    new_target = studies.target_trials(scfg, plan, study) if scfg.sampler == "grid" else target + 1
+def _retarget(scfg: SearchConfig, plan: BudgetPlan, study: optuna.Study, bar: tqdm, target: int,
+              queued: int = 1) -> int:
+    """The study's new target after ``queued`` more trials were queued (grid: recounted from the study)."""
+    new_target = studies.target_trials(scfg, plan, study) if scfg.sampler == "grid" else target + queued
     bar.total += max(0, new_target - target)
     bar.refresh()
     return new_target
@@ -334,7 +336,7 @@ def _run_budget(scfg: SearchConfig, plan: BudgetPlan, study: optuna.Study, plog:
     """One budget: its trials; widening, one size at a time (at most ``widen``), until ``bracket`` COMPLETE sizes
     lie on each side of the best; ``replicas`` extra seeds of the best size and its two neighbours; and again,
     because the seeds' mean can move the best next to an edge; then the result on the study's parent run."""
-    widened = 0
+    widened, seeded_for = 0, set()  # best sizes whose neighbourhood was seeded: each once, so the loop ends
     while True:
         _trials_until(scfg, plan, study, plog, target, bar, out, pruner)
         res = summarize(study, plan, plog.run_id, scfg.bracket)
@@ -348,11 +350,12 @@ def _run_budget(scfg: SearchConfig, plan: BudgetPlan, study: optuna.Study, plog:
                       f"(want {scfg.bracket}); widening to n_embd {plan.widths[plan.lo]}..{plan.widths[plan.hi]}",
                       file=out)
                 continue
-        if scfg.replicas and res.best_rung >= 0:
+        if scfg.replicas and res.best_rung >= 0 and res.best_rung not in seeded_for:
+            seeded_for.add(res.best_rung)
             with lock:
                 added = studies.enqueue_replicas(study, res.best_rung, scfg.replicas)
             if added:  # train them, then look at the bracket again
-                target = _retarget(scfg, plan, study, bar, target)
+                target = _retarget(scfg, plan, study, bar, target, added)
                 continue
         break
     log_parent(plog, study, plan, res, scfg.storage)

@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
@@ -32,6 +31,7 @@ from mlflow.tracking.context.registry import resolve_tags
 
 import scaling_lab
 from scaling_lab.errors import ConfigError, Interrupted, TrackingUnavailable
+from scaling_lab.links import masked, tracking_uri  # noqa: F401  (tracking.masked, tracking.tracking_uri)
 
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # the UI opens its model-training view
@@ -46,30 +46,6 @@ def launched_run_id() -> str | None:
     later ``run()`` nor a process this one starts (search workers) continues that run by accident: the entry point
     decides what becomes of it (continued by the training run, failed on bad input, closed by a search)."""
     return os.environ.pop("MLFLOW_RUN_ID", None) or None
-
-
-def masked(url: str) -> str:
-    """``url`` with any password replaced by *** (for tags, reports and messages)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
-
-
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI when set, else ``sqlite:///<cwd>/mlflow.db`` (the project root under mlflow run)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    return uri if uri else f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def ui_hint(run_id: str) -> str:
-    """Where to see a run. MLflow 3.17's UI opens every experiment in its GenAI view unless the link asks for
-    ``workflowType=machine_learning`` (its sidebar switch), whatever the experiment's kind tag says."""
-    exp_id = MlflowClient().get_run(run_id).info.experiment_id
-    uri, path = tracking_uri(), f"#/experiments/{exp_id}/runs/{run_id}?workflowType=machine_learning"
-    web = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
-    return ("" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}, then ") + f"{web}/{path}"
 
 
 _OPENED: set[str] = set()  # stores this process has opened (created if new) already
@@ -165,8 +141,10 @@ class RunLogger:
     resumed run's history never holds a step twice).
     """
 
-    def __init__(self, run_id: str, flush_secs: float = 10.0, client: MlflowClient | None = None):
+    def __init__(self, run_id: str, flush_secs: float = 10.0, client: MlflowClient | None = None,
+                 experiment_id: str = ""):
         self.run_id = run_id
+        self.experiment_id = experiment_id  # where the run lives (the UI link)
         self.client = client or MlflowClient()
         self.flush_secs = flush_secs
         self._buffer: list[Metric] = []
@@ -349,7 +327,7 @@ def run(
     all_tags = {k: str(v) for k, v in {**standard_tags(), **(tags or {})}.items()}
     before = client.get_run(run_id) if run_id else None
     run_id = _start(client, exp_id, run_name, run_id, parent_run_id, all_tags, system_metrics)
-    logger = RunLogger(run_id, client=client)
+    logger = RunLogger(run_id, client=client, experiment_id=exp_id)
     if before is not None:
         _note_interruption(logger, before)
     status = RunStatus.to_string(RunStatus.FINISHED)
