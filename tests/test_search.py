@@ -599,3 +599,56 @@ def test_seed_replicas_that_move_the_best_next_to_an_edge_widen_again(monkeypatc
     assert plan.lo == lo - 1 and lo - 1 in {rung_of(t) for t in done}  # widened after the seeds moved the best
     seeded = {rung_of(t) for t in done if replica_of(t)}
     assert seeded == {b - 2, b - 1, b, b + 1}  # seed 0's best and its neighbours, then the new best's lower one
+
+
+def test_a_pruned_size_the_bracket_needs_trains_again_unpruned(monkeypatch):
+    """A size pruned while the best was elsewhere is needed once the best moves next to it (seen in a quick
+    ablation: the decay step's 1e11 study ended 3|1, the sizes above pruned). The study trains it again, unpruned,
+    once, rather than widening into sizes the pruner stops too. Real Optuna study (in memory); the trainer is
+    replaced by set losses, and it prunes every first trial 2 or more sizes above seed 0's best, as the median
+    pruner did there."""
+    scfg = resolve_search({"mode": "quick", "budgets": "1e11", "anchors": "chinchilla", "pad": "4"})
+    plan = plan_budget(scfg, 1e11)
+    b = plan.lo + 2
+    assert plan.hi >= b + 3 and scfg.replicas >= 1
+
+    def train_waiting(scfg_, plan_, study, plog, target, bar, out, pruner) -> None:
+        while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            trial = study.ask()
+            rung = trial.suggest_int("rung", 0, plan_.cap)
+            replica, again = int(trial.user_attrs.get("replica", 0)), bool(trial.user_attrs.get("rerun"))
+            m = model_at(rung, scfg_.data.vocab_size, scfg_.block_size)
+            for k, v in {"n_embd": m.n_embd, "n_params": 1, "tokens_trained": 10, "n_params_total":
+                         counting.n_params_total(m.n_layer, m.n_embd, m.n_vocab, m.block_size)}.items():
+                trial.set_user_attr(k, v)
+            if rung >= b + 2 and not replica and not again:
+                study.tell(trial, state=TrialState.PRUNED)
+            else:
+                study.tell(trial, 2.9 if (rung == b + 1 and replica) else 3.0 + 0.01 * (rung - b) ** 2)
+
+    monkeypatch.setattr(search_mod, "_trials_until", train_waiting)
+    monkeypatch.setattr(search_mod, "log_parent", lambda *a, **k: None)
+    study = optuna.create_study(direction="minimize")
+    enqueue_missing(study, plan, grid=True)
+    lo, hi = plan.lo, plan.hi
+
+    class Log:
+        run_id = "run"
+
+    with open(os.devnull, "w") as out:
+        res = search_mod._run_budget(scfg, plan, study, Log(), 0, tqdm(total=0, disable=True), out, None,
+                                     contextlib.nullcontext())
+    assert res.best_rung == b + 1 and res.edge == "none" and res.above >= 2 and res.below >= 2
+    again = [t for t in study.get_trials() if t.user_attrs.get("rerun")]
+    assert sorted(rung_of(t) for t in again) == [b + 2, b + 3] and {t.state.name for t in again} == {"COMPLETE"}
+    assert (plan.lo, plan.hi) == (lo, hi)  # completed from inside the range: nothing widened
+    assert not studies_bracket_prunes(scfg, study, again[0])
+
+
+def studies_bracket_prunes(scfg, study, trial) -> bool:
+    """Would the search's pruner stop this trial? (A median pruner that always prunes, behind the bracket rule.)"""
+    class Always(optuna.pruners.BasePruner):
+        def prune(self, study, trial) -> bool:
+            return True
+
+    return BracketPruner(Always(), scfg.bracket).prune(study, trial)

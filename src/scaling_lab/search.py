@@ -40,6 +40,7 @@ from scaling_lab.isoflop import (
     key_of,
     plan_budget,
     replica_of,
+    rung_of,
     summarize,
     table,
     trial_config,
@@ -283,8 +284,20 @@ def _upload_figure(study: optuna.Study, storage: str, png: Path) -> None:
 
 
 def widen_once(study: optuna.Study, plan: BudgetPlan, res: BudgetResult) -> bool:
-    """Extend the range by one size on the short side of the best (fewer than ``bracket`` COMPLETE sizes there);
-    enqueue it unless another search command already did. False when it cannot. Call under the study's lock."""
+    """Complete the short side of the best (fewer than ``bracket`` COMPLETE sizes there) by one size: a size on
+    that side that was PRUNED (when the best was elsewhere: the seeds' mean can move it) trains again, unpruned,
+    once; else the range grows by one size, queued unless another search command already did. False when
+    neither can. Call under the study's lock."""
+    trials = study.get_trials(deepcopy=False)
+    done = {rung_of(t) for t in trials if t.state.name == "COMPLETE"}
+    pruned = {rung_of(t) for t in trials if t.state.name == "PRUNED"} - done
+    pruned -= {rung_of(t) for t in trials if t.user_attrs.get("rerun")}  # each size trains again once at most
+    up = res.edge == "largest"
+    side = range(res.best_rung + 1, plan.hi + 1) if up else range(res.best_rung - 1, plan.lo - 1, -1)
+    for rung in side:  # nearest first
+        if rung in pruned and res.edge in ("largest", "smallest"):
+            study.enqueue_trial({"rung": rung}, user_attrs={"allocation": "search", "rerun": True})
+            return True
     attrs = study.user_attrs  # another command may have widened first
     old_lo, old_hi = plan.lo, plan.hi
     plan.lo, plan.hi = min(plan.lo, attrs.get("range_lo", plan.lo)), max(plan.hi, attrs.get("range_hi", plan.hi))

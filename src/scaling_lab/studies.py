@@ -162,14 +162,14 @@ def record_size(trial: optuna.Trial, n_params_total: int) -> None:
 
 class BracketPruner(optuna.pruners.BasePruner):
     """``base`` (e.g. MedianPruner) restricted to trials that cannot make the bracket: it never stops a seeded
-    anchor, a seed replica, or a size within ``bracket`` family positions of the best COMPLETE size so far, so the
-    sizes the isoFLOP fit uses around each minimum always finish."""
+    anchor, a seed replica, a size trained again for the bracket (``rerun``), or a size within ``bracket`` family
+    positions of the best COMPLETE size so far, so the sizes the isoFLOP fit uses around each minimum finish."""
 
     def __init__(self, base: optuna.pruners.BasePruner, bracket: int):
         self.base, self.bracket = base, bracket
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
-        if trial.user_attrs.get("allocation", "search") != "search" or replica_of(trial):
+        if trial.user_attrs.get("allocation", "search") != "search" or replica_of(trial) or trial.user_attrs.get("rerun"):
             return False
         done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
         rung = rung_of(trial)
@@ -347,11 +347,12 @@ def target_trials(scfg: SearchConfig, plan: BudgetPlan, study) -> int:
     sizes, and every queued, running or finished (size, replica) once."""
     trials = study.get_trials(deepcopy=False)
     replicas = {key_of(t) for t in trials if t.state.name in ACTIVE and replica_of(t)}
+    reruns = sum(t.state.name in ACTIVE and bool(t.user_attrs.get("rerun")) for t in trials)  # a pruned size again
     if scfg.sampler == "grid":
         rungs = set(range(plan.lo, plan.hi + 1)) | {r for _, r in plan.seeds}
         extra = {rung_of(t) for t in trials if t.state.name in ("COMPLETE", "PRUNED") and not replica_of(t)}
-        return len(rungs | extra) + len(replicas) + plan.twin_anchors
-    return max(scfg.trials, 2) + len(replicas)
+        return len(rungs | extra) + len(replicas) + plan.twin_anchors + reruns
+    return max(scfg.trials, 2) + len(replicas) + reruns
 
 
 def enqueue_replicas(study, res_rung: int, replicas: int) -> int:
