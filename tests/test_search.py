@@ -652,3 +652,20 @@ def studies_bracket_prunes(scfg, study, trial) -> bool:
             return True
 
     return BracketPruner(Always(), scfg.bracket).prune(study, trial)
+
+
+def test_a_rerun_is_not_answered_by_the_pruned_trial_it_repeats():
+    """The objective reuses a finished trial of the same size and seed (two anchors at one size); a bracket rerun
+    of a PRUNED size must train, not copy the pruned result back."""
+    from optuna.distributions import IntDistribution
+    from optuna.trial import create_trial
+
+    study = optuna.create_study(direction="minimize")
+    study.add_trial(create_trial(state=TrialState.PRUNED, params={"rung": 3}, distributions={"rung": IntDistribution(0, 9)},
+                                 user_attrs={"allocation": "search"}, intermediate_values={1: 4.4}))
+    study.enqueue_trial({"rung": 3}, user_attrs={"allocation": "search"})
+    study.enqueue_trial({"rung": 3}, user_attrs={"allocation": "search", "rerun": True})
+    dup, again = study.ask(), study.ask()
+    assert dup.suggest_int("rung", 0, 9) == 3 and again.suggest_int("rung", 0, 9) == 3
+    assert search_mod._finished_twin(dup, 3).state == TrialState.PRUNED  # a plain duplicate: reused
+    assert search_mod._finished_twin(again, 3) is None  # the rerun trains

@@ -136,10 +136,12 @@ class Objective:
 
 
 def _finished_twin(trial: optuna.Trial, rung: int) -> optuna.trial.FrozenTrial | None:
-    """A finished trial of the same size and replica (e.g. both anchors at one size), or None."""
+    """A finished trial of the same size and replica (e.g. both anchors at one size), or None. A ``rerun`` trains
+    a PRUNED size again, so only a COMPLETE twin counts for it."""
     key = (rung, replica_of(trial))
+    states = ("COMPLETE",) if trial.user_attrs.get("rerun") else ("COMPLETE", "PRUNED")
     for t in trial.study.get_trials(deepcopy=False):
-        if t.number != trial.number and t.state.name in ("COMPLETE", "PRUNED") and key_of(t) == key:
+        if t.number != trial.number and t.state.name in states and key_of(t) == key:
             return t
     return None
 
@@ -291,7 +293,8 @@ def widen_once(study: optuna.Study, plan: BudgetPlan, res: BudgetResult) -> bool
     trials = study.get_trials(deepcopy=False)
     done = {rung_of(t) for t in trials if t.state.name == "COMPLETE"}
     pruned = {rung_of(t) for t in trials if t.state.name == "PRUNED"} - done
-    pruned -= {rung_of(t) for t in trials if t.user_attrs.get("rerun")}  # each size trains again once at most
+    pruned -= {rung_of(t) for t in trials if t.user_attrs.get("rerun") and t.state.name in ("COMPLETE", "WAITING",
+                                                                                            "RUNNING")}  # once
     up = res.edge == "largest"
     side = range(res.best_rung + 1, plan.hi + 1) if up else range(res.best_rung - 1, plan.lo - 1, -1)
     for rung in side:  # nearest first
