@@ -133,7 +133,24 @@ def test_bad_flags_and_empty_selection(store, capsys):
     assert "parameter 'convention'" in capsys.readouterr().err
     assert cli.main_analyze(["--bootstrap", "x"]) == 2
     assert "parameter 'bootstrap'" in capsys.readouterr().err
+    assert cli.main_analyze(["--a3_interval", "wild"]) == 2
+    assert "parameter 'a3_interval'" in capsys.readouterr().err
     assert not _runs(store)
+
+
+def test_residual_interval_for_approach3_keeps_the_pairs_one_beside_it(tmp_path, capsys):
+    """a3_interval=residual: Approach 3's interval comes from refits on residual-bootstrap data (every draw
+    refits, so all 30 are kept), the pairs interval is reported beside it, and the report says so."""
+    out = tmp_path / "report"
+    code = cli.main_analyze(["--source", "simulate", "--convention", "total", "--bootstrap", "30", "--out", str(out),
+                             "--a3_interval", "residual", "--log", "false"])
+    assert code == 0, capsys.readouterr()
+    c = json.loads((out / "fits.json").read_text())["conventions"]["total"]
+    assert c["bootstrap"]["kept"]["approach3"] == 30 and 0 < c["bootstrap"]["kept"]["approach3_pairs"] <= 30
+    assert c["approach3"]["interval"].startswith("residual") and c["approach3"]["ci95"]["a"] != c["approach3"]["pairs_ci95"]["a"]
+    lo, hi = c["approach3"]["ci95"]["a"]
+    assert lo < c["approach3"]["a"] < hi
+    assert "pairs bootstrap (runs resampled)" in (out / "report.md").read_text()
 
 
 def test_end_to_end_report_and_analyze_run(logged, tmp_path, capsys):
@@ -151,6 +168,9 @@ def test_end_to_end_report_and_analyze_run(logged, tmp_path, capsys):
         assert {"a", "b", "ci95"} <= set(c["approach1"]) and c["approach1"]["from_curves"]
         lo, hi = c["approach3"]["ci95"]["alpha"]
         assert lo <= c["approach3"]["alpha"] <= hi
+        # a3_interval=pairs (the default): Approach 3's interval is the pairs bootstrap's
+        assert 0 < c["bootstrap"]["kept"]["approach3"] == c["bootstrap"]["kept"]["approach3_pairs"] <= 30
+        assert c["approach3"]["ci95"]["a"] == c["approach3"]["pairs_ci95"]["a"]
         assert {"L_N", "L_D", "L_C", "L_N_irreducible", "L_ND"} <= set(c["kaplan"])
         assert {x["budget"] for x in c["extrapolation"]} == {"GPT-3", "Chinchilla", "1e+21 FLOPs"}
         assert all(x["factor"] > 1e7 for x in c["extrapolation"] if x["budget"] == "GPT-3")

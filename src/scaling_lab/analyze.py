@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from scaling_lab import approach2, config, laws, report
+from scaling_lab import approach2, config, laws, report, residuals
 from scaling_lab.errors import ConfigError
 from scaling_lab.overlay import load_prediction, overlay_prediction
 from scaling_lab.sources import CONVENTIONS, RunTable, load_csv, load_mlflow, parse_tags, simulate
@@ -25,6 +25,7 @@ SOURCES = ("mlflow", "csv", "simulate")
 CONVENTION_CHOICES = ("all", "both", "kaplan", "total", "exact")  # both: an older name of all
 A3_STARTS = 2  # Approach 3 bootstrap refits start from the full fit and another minimum (laws.a3_starts)
 KAPLAN_RESAMPLES = 200  # Kaplan's laws are refitted on the first 200 resamples only (intervals, not the verdict)
+A3_INTERVALS = ("pairs", "residual")
 A2_MIN_DRAWS = 1000  # Approach 2's parametric bootstrap draws at least this many
 GROUP_BY = ("", "protocol")  # group_by: one fit of all the runs, or one per ablation step (scaling_lab.grouped)
 ILLUSTRATIVE_FACTOR = 100.0  # extrapolations further beyond the fitted compute get no interval (illustrative)
@@ -59,6 +60,9 @@ class AnalyzeConfig:
     bootstrap: int = 1000
     """Bootstrap resamples of the runs for 95% intervals of Approaches 1 and 3 and Kaplan's laws (0 = none);
     Approach 2's parametric bootstrap draws max(this, 1000) times."""
+    a3_interval: str = "pairs"
+    """Approach 3's interval: pairs (runs resampled within each budget) or residual (the design kept, each run's log
+    loss redrawn as the fit plus a resampled residual, residuals.py; the pairs interval is then reported beside)."""
     seed: int = 0
     """Seed of the bootstrap and of the simulation."""
     rtol: float = 0.05
@@ -85,6 +89,8 @@ class AnalyzeConfig:
             raise ConfigError("csv", self.csv, "a CSV file path when source=csv")
         if self.csv and self.source != "csv":  # csv= alone selects CSV input (parse_config)
             raise ConfigError("source", self.source, f"csv (or left unset) when csv={self.csv} is given")
+        if self.a3_interval not in A3_INTERVALS:
+            raise ConfigError("a3_interval", self.a3_interval, "one of " + ", ".join(A3_INTERVALS))
         if not (isinstance(self.bootstrap, int) and self.bootstrap >= 0 and self.bootstrap != 1):
             raise ConfigError("bootstrap", self.bootstrap, "0 (off) or an integer >= 2")
         if not 0 <= self.rtol < 1:
@@ -242,6 +248,10 @@ def convention_data(study: RunTable, conv: str, cfg: AnalyzeConfig, extra_budget
                           _curves_for(study, conv), cgrid, seed_std, seed_sizes)
 
 
+def _with_k(f: laws.ChinchillaFit, k: float) -> laws.ChinchillaFit:
+    return laws.ChinchillaFit(E=f.E, A=f.A, B=f.B, alpha=f.alpha, beta=f.beta, k=k)
+
+
 def seed_noise(labels: np.ndarray, N: np.ndarray, L: np.ndarray) -> tuple[float, int]:
     """The pooled seed-to-seed standard deviation of the final loss (nats) over the (budget, size) pairs trained
     with 2 or more seeds, and how many such pairs; (NaN, 0) without any."""
@@ -269,7 +279,7 @@ def point_fits(d: ConventionData, rtol: float) -> PointFits:
 
 
 def bootstrap_fits(d: ConventionData, p: PointFits, n_boot: int, seed: int,
-                   a3_cache: dict[bytes, laws.ChinchillaFit] | None = None) -> tuple[dict[str, np.ndarray],
+                   a3_cache: dict[bytes, Any] | None = None, a3_interval: str = "pairs") -> tuple[dict[str, np.ndarray],
                                                                                     dict[str, np.ndarray]]:
     """Refit every approach on ``n_boot`` resamples of the runs within each budget. Returns (samples: {name:
     values} of exponents, parameters and N/D/L at the fitted and named budgets; bands: lines and grids of each
@@ -289,13 +299,29 @@ def bootstrap_fits(d: ConventionData, p: PointFits, n_boot: int, seed: int,
     done = [0]
 
     def a3(idx: np.ndarray) -> laws.ChinchillaFit:
-        """Approach 3 on a resample; the total and exact conventions share N, D and L (only k differs), so the
-        second reuses the first's fit."""
+        """Approach 3 on a resample of the runs (the pairs bootstrap, reported beside the residual one); the
+        total and exact conventions share N, D and L (only k differs), so the second reuses the first's fit."""
         key = key0 + idx.tobytes()
         if key not in a3_cache:
             a3_cache[key] = laws.approach3(N[idx], D[idx], L[idx], k=k, starts=0, init=starts3)
-        f = a3_cache[key]
-        return laws.ChinchillaFit(E=f.E, A=f.A, B=f.B, alpha=f.alpha, beta=f.beta, k=k)
+        return _with_k(a3_cache[key], k)
+
+    def draw_values(a_name: str, f: Any) -> dict[str, float]:
+        """One draw's exponents, N and D at the fitted and named budgets (and its line and grids, for the bands)."""
+        out = {f"{a_name}/a": f.a, f"{a_name}/b": f.b}
+        for name, c in zip(bnames, bvals):
+            out[f"{a_name}/N@{name}"] = float(f.n_at(c))
+            out[f"{a_name}/D@{name}"] = float(f.d_at(c))
+        for i, c in enumerate(fitted_budgets):
+            out[f"{a_name}/N@fitted{i}"] = float(f.n_at(c))
+        lines[a_name].append((f.a, f.k_n) if a_name != "approach3" else (f.a, float(f.n_at(1.0))))
+        grids[f"{a_name}/n_grid"].append(f.n_at(d.cgrid))
+        grids[f"{a_name}/d_grid"].append(f.d_at(d.cgrid))
+        if a_name == "approach3":
+            out.update({f"approach3/{q}": v for q, v in f.params().items()})
+            for name, c in zip(bnames, bvals):
+                out[f"approach3/L@{name}"] = float(f.loss(f.n_at(c), f.d_at(c)))
+        return out
 
     def one(idx: np.ndarray) -> dict[str, float]:
         """Refit every approach on one resample; an approach that cannot fit this resample (e.g. a budget
@@ -304,30 +330,19 @@ def bootstrap_fits(d: ConventionData, p: PointFits, n_boot: int, seed: int,
         fits_b: dict[str, Any] = {}
         ii = idx if curves_are_runs else rng_curves.integers(0, len(d.curves), len(d.curves))
         done[0] += 1
-        attempts = (
-            ("approach3", lambda: a3(idx)),
-            ("approach1", lambda: laws.approach1_matrix(p.grid1, p.n1[ii], p.Lm[ii], p.Dm[ii])),
-        )
-        for a_name, make in attempts:
-            try:
-                f = make()
-            except (laws.FitError, np.linalg.LinAlgError, ValueError, ArithmeticError):
-                continue
-            fits_b[a_name] = f
-            out[f"{a_name}/a"], out[f"{a_name}/b"] = f.a, f.b
-            for name, c in zip(bnames, bvals):
-                out[f"{a_name}/N@{name}"] = float(f.n_at(c))
-                out[f"{a_name}/D@{name}"] = float(f.d_at(c))
-            for i, c in enumerate(fitted_budgets):
-                out[f"{a_name}/N@fitted{i}"] = float(f.n_at(c))
-            lines[a_name].append((f.a, f.k_n) if a_name != "approach3" else (f.a, float(f.n_at(1.0))))
-            grids[f"{a_name}/n_grid"].append(f.n_at(d.cgrid))
-            grids[f"{a_name}/d_grid"].append(f.d_at(d.cgrid))
-        f3 = fits_b.get("approach3")
-        if f3 is not None:
-            out.update({f"approach3/{q}": v for q, v in f3.params().items()})
-            for name, c in zip(bnames, bvals):
-                out[f"approach3/L@{name}"] = float(f3.loss(f3.n_at(c), f3.d_at(c)))
+        try:
+            f3 = a3(idx)
+            out["approach3_pairs/a"], out["approach3_pairs/b"] = f3.a, f3.b
+            if a3_interval == "pairs":
+                out.update(draw_values("approach3", f3))
+        except (laws.FitError, np.linalg.LinAlgError, ValueError, ArithmeticError):
+            pass
+        try:
+            f1 = laws.approach1_matrix(p.grid1, p.n1[ii], p.Lm[ii], p.Dm[ii])
+            fits_b["approach1"] = f1
+            out.update(draw_values("approach1", f1))
+        except (laws.FitError, np.linalg.LinAlgError, ValueError, ArithmeticError):
+            pass
         if done[0] > KAPLAN_RESAMPLES:
             return out
         kn = kaplan_fits(N[idx], D[idx], L[idx], fits_b.get("approach1"), init=p.kaplan)
@@ -338,6 +353,12 @@ def bootstrap_fits(d: ConventionData, p: PointFits, n_boot: int, seed: int,
         return out
 
     samples = laws.bootstrap(one, len(N), n_boot, seed, strata=labels)
+    if a3_interval == "residual":
+        rkey = b"residual" + key0
+        if rkey not in a3_cache:  # total and exact share N, D, L and so these refits too
+            a3_cache[rkey] = residuals.residual_bootstrap(N, D, L, p.fit3, starts3, n_boot, seed)
+        draws3 = [draw_values("approach3", _with_k(f, k)) for f in a3_cache[rkey] if f is not None]
+        samples.update({key: np.array([x[key] for x in draws3]) for key in (draws3[0] if draws3 else {})})
     samples.update(_approach2_draws(d, p, max(n_boot, A2_MIN_DRAWS), seed, grids, lines))
     boot = {k_: np.array(v) for k_, v in grids.items() if v}
     boot.update({f"{a}/params": np.array(v) for a, v in lines.items() if v})
@@ -364,7 +385,13 @@ def _approach2_draws(d: ConventionData, p: PointFits, draws: int, seed: int, gri
     return {f"approach2/{key}": v[ok] for key, v in raw.items()}
 
 
-def _approach_rows(d: ConventionData, p: PointFits, samples: dict[str, np.ndarray]) -> dict[str, Any]:
+A3_INTERVAL_TEXT = {"pairs": "pairs bootstrap: runs resampled within each budget",
+                    "residual": "residual bootstrap: every run's (N, D) kept, log loss = fit + a resampled residual "
+                                "(residuals.py); pairs_ci95: the pairs bootstrap (runs resampled within each budget)"}
+
+
+def _approach_rows(d: ConventionData, p: PointFits, samples: dict[str, np.ndarray],
+                   interval: str = "pairs") -> dict[str, Any]:
     """Approaches 1-3 as fits.json entries: point values, 95% intervals, standard errors, per-budget minima."""
     fit1, fit2, fit3 = p.fit1, p.fit2, p.fit3
     ci = lambda key: _pair(_ci(samples, key))  # noqa: E731
@@ -389,6 +416,9 @@ def _approach_rows(d: ConventionData, p: PointFits, samples: dict[str, np.ndarra
     a3 = {**fit3.params(), "k": d.k,
           "ci95": {q: ci(f"approach3/{q}") for q in ("E", "A", "B", "alpha", "beta", "a", "b")},
           "se": {q: se(f"approach3/{q}") for q in ("alpha", "beta", "a", "b")},
+          "interval": A3_INTERVAL_TEXT[interval],
+          "pairs_ci95": {q: ci(f"approach3_pairs/{q}") for q in ("a", "b")},
+          "pairs_se": {q: se(f"approach3_pairs/{q}") for q in ("a", "b")},
           "n_opt_by_budget": [{"budget": b, "n_opt": float(fit3.n_at(b)), "n_opt_ci95": ci(f"approach3/N@fitted{i}")}
                               for i, b in enumerate(fit2.budgets)],
           "huber_delta": laws.HUBER_DELTA, "objective": fit3.objective, "at_bounds": list(fit3.at_bounds),
@@ -438,13 +468,14 @@ def _leave_one_budget_out(d: ConventionData, p: PointFits) -> list[dict[str, Any
 
 
 def fit_convention(study: RunTable, conv: str, cfg: AnalyzeConfig, extra_budgets: dict[str, float],
-                   a3_cache: dict[bytes, laws.ChinchillaFit] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                   a3_cache: dict[bytes, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every fit of one convention, with bootstrap intervals, leave-one-budget-out, verdict and extrapolation.
     Returns (json-able result, objects for figures)."""
     ncol, ccol = CONVENTIONS[conv]
     d = convention_data(study, conv, cfg, extra_budgets)
     p = point_fits(d, cfg.rtol)
-    samples, boot = bootstrap_fits(d, p, cfg.bootstrap, cfg.seed, a3_cache) if cfg.bootstrap else ({}, {})
+    samples, boot = (bootstrap_fits(d, p, cfg.bootstrap, cfg.seed, a3_cache, cfg.a3_interval) if cfg.bootstrap
+                     else ({}, {}))
     lobo = _leave_one_budget_out(d, p) if d.n_budgets >= 3 else []
     for key, v in p.kaplan.items():
         for q in ("alpha", "alpha_N", "alpha_D", "a"):
@@ -456,12 +487,12 @@ def fit_convention(study: RunTable, conv: str, cfg: AnalyzeConfig, extra_budgets
                                      ("approach3", p.fit3.a, "approach3/a"),
                                      ("kaplan_eq1.5", p.kaplan["L_ND"]["a"], "kaplan/L_ND/a"))}
     result = {"N": ncol, "C": ccol, "flops_per_param_token": d.k, "runs": int(len(d.N)), "budgets": d.n_budgets,
-              "fitted_flops_range": [float(d.C.min()), float(d.C.max())], **_approach_rows(d, p, samples),
+              "fitted_flops_range": [float(d.C.min()), float(d.C.max())], **_approach_rows(d, p, samples, cfg.a3_interval),
               "kaplan": p.kaplan, "verdict": verdicts, "leave_one_budget_out": lobo,
               "extrapolation": _extrapolation(d, p, samples),
               "bootstrap": {"resamples": cfg.bootstrap,
                             "kept": {a: int(len(samples.get(f"{a}/a", []))) for a in ("approach1", "approach2",
-                                                                                      "approach3")},
+                                                                                      "approach3", "approach3_pairs")},
                             "seed": cfg.seed, "strata": "budget"}}
     objects = {"fit1": p.fit1, "fit2": p.fit2, "fit3": p.fit3, "boot": boot, "labels": d.labels, "N": d.N, "D": d.D,
                "C": d.C, "L": d.L, "curves": d.curves, "budgets": d.budgets, "cgrid": d.cgrid}
@@ -554,7 +585,7 @@ def _analyze_study(study: RunTable, cfg: AnalyzeConfig) -> tuple[dict[str, Any],
     extra = {f"{b:.3g} FLOPs": b for b in parse_budgets(cfg.budgets)}
     results: dict[str, Any] = {"conventions": {}, "verdict": {}}
     objects: dict[str, Any] = {}
-    a3_cache: dict[bytes, laws.ChinchillaFit] = {}
+    a3_cache: dict[bytes, Any] = {}
     for conv in convs:
         res, obj = fit_convention(study, conv, cfg, extra, a3_cache)
         results["conventions"][conv] = res

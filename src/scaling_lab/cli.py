@@ -56,7 +56,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mode": tuple(config.MODES), "flops_rule": config.FLOPS_RULES, "device": (*config.DEVICES, "cuda:N"),
     "dtype": config.DTYPES, "compile": config.COMPILE_CHOICES, "tokenizer": config.TOKENIZERS,
     "sampler": isoflop.SAMPLERS, "pruner": isoflop.PRUNERS, "source": analyze.SOURCES,
-    "convention": analyze.CONVENTION_CHOICES, "hparams": ("fixed", "tuned", "<tuning JSON path>"),
+    "convention": analyze.CONVENTION_CHOICES, "a3_interval": analyze.A3_INTERVALS, "hparams": ("fixed", "tuned", "<tuning JSON path>"),
     "group_by": ("''", *analyze.GROUP_BY[1:]), "steps": ablation.STEP_NAMES,
 }
 # One line per subcommand of the ``scaling-lab`` script; also each entry point's --help description.

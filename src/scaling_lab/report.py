@@ -110,7 +110,9 @@ def verdict_section(results: dict[str, Any]) -> list[tuple]:
     B.append(("p", f"References: Kaplan et al. 2020 (arXiv:2001.08361) N_opt ∝ C^{laws.KAPLAN_A}; Hoffmann et al. "
                    f"2022 (arXiv:2203.15556) N_opt ∝ C^{laws.CHINCHILLA_A}. Intervals: Approach 2, a parametric "
                    "bootstrap redrawing each size's loss from its measured seed noise; Approaches 1 and 3, percentile "
-                   "bootstrap over runs resampled within each budget; SE = bootstrap standard deviation."))
+                   "bootstrap over runs resampled within each budget (with a3_interval=residual, Approach 3's is "
+                   "a residual bootstrap that keeps every run's N and D, the pairs one beside it); SE = bootstrap "
+                   "standard deviation."))
     return B
 
 
@@ -139,6 +141,8 @@ def convention_section(conv: str, r: dict[str, Any], figs: dict[str, list]) -> l
     a3, a2, a1 = r["approach3"], r["approach2"], r["approach1"]
     rows = [[f"Approach 3 {p}", _g(a3[p]), ci_txt(a3["ci95"].get(p))]
             for p in ("E", "A", "B", "alpha", "beta", "a", "b")]
+    if a3.get("interval", "").startswith("residual") and a3.get("pairs_ci95"):
+        rows.append(["Approach 3 a, pairs bootstrap (runs resampled)", _g(a3["a"]), ci_txt(a3["pairs_ci95"].get("a"))])
     rows += [[f"Approach 2 {p}", _g(a2[p]), ci_txt(a2["ci95"].get(p))] for p in ("a", "b")]
     rows += [[f"Approach 1 {p}", _g(a1[p]), ci_txt(a1["ci95"].get(p))] for p in ("a", "b")]
     kl = r["kaplan"].get("L_ND", {})
