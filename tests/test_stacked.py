@@ -51,7 +51,9 @@ def test_three_stacked_replicas_train_as_three_separate_runs(tiny):
     evaluation stops there while the others train on unchanged."""
     # 80 steps, 2 micro-batches each, every gradient norm above the clip. At tiny's lr 3e-3 some seeds spike (norms
     # ~40): there the rounding of batched against single matmuls grows to ~1e-3 by step 80, as any other BLAS
-    # kernel's would; at 1e-3 the runs stay within 3e-7
+    # kernel's would; at 1e-3 the runs stay within 3e-7 on an AVX-512 host and 1.4e-6 on an AVX2 one, but one CI
+    # run on the AVX2 host saw 4e-4 at 2 of 80 steps, so the bound is 1e-3 (a wrong data order, shared optimizer
+    # state or a missed clip moves these losses by percents)
     base = {**tiny, "tokens": "40960", "micro_batch": "4", "lr": "1e-3", "grad_clip": "0.3"}
     cfgs = [config.resolve({**base, "seed": str(seed)}) for seed in (7, 8, 9)]
     alone = []
@@ -72,15 +74,15 @@ def test_three_stacked_replicas_train_as_three_separate_runs(tiny):
         ref, ref_log = alone[i]
         n = evals[-1] if i == 1 else ref.steps
         assert res.steps == n and res.stopped_early == (i == 1) and len(res.history) == n
-        assert res.history == pytest.approx(ref.history[:n], rel=1e-4)
+        assert res.history == pytest.approx(ref.history[:n], rel=1e-3)
         norms = [v for _, v in log.history("train/grad_norm")]
-        assert norms == pytest.approx([v for _, v in ref_log.history("train/grad_norm")][:n], rel=1e-4)
+        assert norms == pytest.approx([v for _, v in ref_log.history("train/grad_norm")][:n], rel=1e-3)
         assert min(norms) > 0.3  # the clip acted at every step, per replica
         assert [v for _, v in log.history("val/loss")] == pytest.approx(
-            [v for _, v in ref_log.history("val/loss")][: len(log.history("val/loss"))], rel=1e-4)
+            [v for _, v in ref_log.history("val/loss")][: len(log.history("val/loss"))], rel=1e-3)
         assert [s for s, _ in log.history("train/loss")] == list(range(1, n + 1))
         if i != 1:
-            assert res.val_loss == pytest.approx(ref.val_loss, rel=1e-4)
+            assert res.val_loss == pytest.approx(ref.val_loss, rel=1e-3)
         timed = ("stacked_replicas", "data.prep_s")  # prep_s: seconds spent reading the (cached) tokens
         assert {k: v for k, v in log.params.items() if k not in timed} == {
             k: v for k, v in ref_log.params.items() if k not in timed}
