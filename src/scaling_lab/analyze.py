@@ -299,8 +299,8 @@ def bootstrap_fits(d: ConventionData, p: PointFits, n_boot: int, seed: int,
     done = [0]
 
     def a3(idx: np.ndarray) -> laws.ChinchillaFit:
-        """Approach 3 on a resample of the runs (the pairs bootstrap, reported beside the residual one); the
-        total and exact conventions share N, D and L (only k differs), so the second reuses the first's fit."""
+        """Approach 3 on a resample of the runs (the pairs bootstrap: the interval, or beside the residual one);
+        the total and exact conventions share N, D and L (only k differs), so the second reuses the first's fit."""
         key = key0 + idx.tobytes()
         if key not in a3_cache:
             a3_cache[key] = laws.approach3(N[idx], D[idx], L[idx], k=k, starts=0, init=starts3)
