@@ -95,6 +95,29 @@ def test_published_allocations_and_budget_plan():
         assert cfg.model.n_embd == model_at(rung, scfg.data.vocab_size, scfg.block_size).n_embd
 
 
+def test_integer_batch_round_keeps_steps_nearer_the_aim_than_powers_of_two():
+    """Over quick's sizes and budgets the batch is the rule's wanted batch rounded: pow2 to a power of two (the
+    default, unchanged), integer to a whole number, whose steps stray less from steps_target once batch >= 4."""
+    pow2 = resolve_search({"mode": "quick"})
+    whole = resolve_search({"mode": "quick", "batch_round": "integer"})
+    assert pow2.batch_round == "pow2"
+    worst = {"pow2": 0.0, "integer": 0.0}
+    for c in pow2.budget_list():
+        p = plan_budget(pow2, c)
+        for rung in range(p.lo, p.hi + 1):
+            m = model_at(rung, pow2.data.vocab_size, pow2.block_size)
+            tokens = counting.tokens_for_flops(m, c, pow2.flops_rule)
+            want = tokens / (pow2.steps_target * pow2.block_size)
+            b2, bi = batch_for(tokens, pow2), batch_for(tokens, whole)
+            assert b2 & (b2 - 1) == 0 and abs(math.log2(b2 / want)) <= 0.5 + 1e-9
+            assert bi == max(1, round(want)) and trial_config(whole, c, rung).train.batch_size == bi
+            for name, b in (("pow2", b2), ("integer", bi)):
+                if want >= 4:
+                    steps = tokens / (b * pow2.block_size)
+                    worst[name] = max(worst[name], abs(math.log(steps / pow2.steps_target)))
+    assert worst["integer"] <= math.log(1 + 0.5 / 3.5) < worst["pow2"]  # |b - want| <= 1/2 at want >= 4
+
+
 def test_mlproject_search_entry_matches_search_config():
     spec = yaml.safe_load((ROOT / "MLproject").read_text())
     entry = spec["entry_points"]["search"]
@@ -355,6 +378,7 @@ BAD = [
     ({"budgets": "1e10,abc"}, "budgets"),
     ({"flops_rule": "palm"}, "flops_rule"),
     ({"sampler": "cmaes"}, "sampler"),
+    ({"batch_round": "floor"}, "batch_round"),
     ({"storage": "optuna.db"}, "storage"),
     ({"storage": "nosuchdb://host/x"}, "storage"),
     ({"storage": "postgresql://"}, "storage"),

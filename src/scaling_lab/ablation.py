@@ -201,7 +201,8 @@ def one_batch(scfg: SearchConfig) -> int:
     budgets = scfg.budget_list()
     c = math.exp(sum(map(math.log, budgets)) / len(budgets))
     fixed = dataclasses.replace(scfg, hparams="fixed")
-    return fixed.hyper_rule().batch_for(20 * counting.chinchilla_n(c), scfg.batch_min, scfg.batch_max)
+    return fixed.hyper_rule().batch_for(20 * counting.chinchilla_n(c), scfg.batch_min, scfg.batch_max,
+                                        scfg.batch_round)
 
 
 def design(scfg: SearchConfig) -> Design:

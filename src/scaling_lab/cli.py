@@ -55,7 +55,8 @@ LONG_PLAN_NOTE = "estimated at more than a day: the real run starts only with --
 CHOICES: dict[str, tuple[str, ...]] = {
     "mode": tuple(config.MODES), "flops_rule": config.FLOPS_RULES, "device": (*config.DEVICES, "cuda:N"),
     "dtype": config.DTYPES, "compile": config.COMPILE_CHOICES, "tokenizer": config.TOKENIZERS,
-    "sampler": isoflop.SAMPLERS, "pruner": isoflop.PRUNERS, "source": analyze.SOURCES,
+    "sampler": isoflop.SAMPLERS, "pruner": isoflop.PRUNERS, "batch_round": isoflop.BATCH_ROUNDS,
+    "source": analyze.SOURCES,
     "convention": analyze.CONVENTION_CHOICES, "a3_interval": analyze.A3_INTERVALS, "hparams": ("fixed", "tuned", "<tuning JSON path>"),
     "group_by": ("''", *analyze.GROUP_BY[1:]), "steps": ablation.STEP_NAMES,
 }

@@ -25,6 +25,7 @@ from scaling_lab.errors import ConfigError
 
 ALLOCATIONS = ("kaplan", "chinchilla", "search")
 SAMPLERS = ("grid", "tpe", "random")
+BATCH_ROUNDS = ("pow2", "integer")
 PRUNERS = ("median", "none")
 MIN_STEPS = 10  # every trial needs 10 optimizer steps: one per reported budget fraction
 FRACTIONS = 10  # intermediate losses reported at k/10 of the budget, k = 1..10
@@ -58,7 +59,8 @@ N_REF, D_REF = 1e5, 1e6  # reference N_total and tokens of the rule's coefficien
 @dataclass(frozen=True)
 class HyperRule:
     """Learning rate and batch of a trial from its size and tokens: lr = lr_coef·(N_total/1e5)^lr_exp and
-    batch = batch_coef·(D/1e6)^batch_exp sequences, rounded to a power of two within batch_min..batch_max."""
+    batch = batch_coef·(D/1e6)^batch_exp sequences, rounded (to a power of two or an integer) within
+    batch_min..batch_max."""
 
     lr_coef: float
     """Peak AdamW learning rate at N_total = 1e5."""
@@ -74,9 +76,11 @@ class HyperRule:
     def lr_for(self, n_params_total: float) -> float:
         return float(self.lr_coef * (n_params_total / N_REF) ** self.lr_exp)
 
-    def batch_for(self, tokens: float, batch_min: int, batch_max: int) -> int:
+    def batch_for(self, tokens: float, batch_min: int, batch_max: int, rounding: str = "pow2") -> int:
+        """Sequences per step for a run of ``tokens`` tokens: the nearest power of two on a log scale (pow2) or
+        the nearest integer (integer: steps stay closer to the rule's aim; see SearchConfig.batch_round)."""
         want = self.batch_coef * (max(tokens, 1.0) / D_REF) ** self.batch_exp
-        b = 2 ** round(math.log2(max(want, 1e-9)))
+        b = 2 ** round(math.log2(max(want, 1e-9))) if rounding == "pow2" else round(want)
         return int(min(batch_max, max(batch_min, b)))
 
     @classmethod
@@ -155,7 +159,10 @@ class SearchConfig:
     """Learning rate and batch per trial: fixed (train.lr for every size; batch from steps_target), tuned (the
     rule fitted for this mode, docs/tuning.md), or a tuning JSON written by the tune entry point."""
     steps_target: int = 2000
-    """hparams=fixed: batch_size = D / (steps_target * block_size) as a power of two within batch_min..batch_max."""
+    """hparams=fixed: batch_size = D / (steps_target * block_size), rounded by batch_round within batch_min..batch_max."""
+    batch_round: str = "pow2"
+    """How the batch rule's batch is rounded: pow2 (nearest power of two, steps range ~0.7-1.4x the aim) or integer
+    (nearest whole number of sequences, steps within ~±12% of the aim once the batch is 4 or more)."""
     batch_min: int = 1
     """Smallest batch in sequences."""
     batch_max: int = 512
@@ -185,6 +192,7 @@ class SearchConfig:
         self.anchor_list()  # validates
         config.choice("sampler", self.sampler, SAMPLERS)
         config.choice("pruner", self.pruner, PRUNERS)
+        config.choice("batch_round", self.batch_round, BATCH_ROUNDS)
         for name in ("prune_warmup", "prune_startup", "pad", "pad_below", "widen", "bracket", "replicas"):
             config.positive_int(name, getattr(self, name), allow_zero=True)
         for name in ("workers", "steps_target", "batch_min", "batch_max", "block_size"):
@@ -367,7 +375,7 @@ def plan_budget(scfg: SearchConfig, budget: float) -> BudgetPlan:
 
 def batch_for(tokens: float, scfg: SearchConfig) -> int:
     """The batch (sequences per step) of a trial training ``tokens`` tokens, from the search's rule."""
-    return scfg.hyper_rule().batch_for(tokens, scfg.batch_min, scfg.batch_max)
+    return scfg.hyper_rule().batch_for(tokens, scfg.batch_min, scfg.batch_max, scfg.batch_round)
 
 
 def trial_config(scfg: SearchConfig, budget: float, rung: int, run_name: str = "", replica: int = 0) -> RunConfig:
@@ -376,7 +384,8 @@ def trial_config(scfg: SearchConfig, budget: float, rung: int, run_name: str = "
     ``replica`` k > 0 is the same size with seed + k (new initialisation and data order)."""
     m = model_at(rung, scfg.data.vocab_size, scfg.block_size)
     rule = scfg.hyper_rule()
-    b = rule.batch_for(counting.tokens_for_flops(m, budget, scfg.flops_rule), scfg.batch_min, scfg.batch_max)
+    b = rule.batch_for(counting.tokens_for_flops(m, budget, scfg.flops_rule), scfg.batch_min, scfg.batch_max,
+                       scfg.batch_round)
     lr = rule.lr_for(counting.n_params_total(m.n_layer, m.n_embd, m.n_vocab, m.block_size))
     train = dataclasses.replace(scfg.train, tokens=0, flops=budget, batch_size=b, micro_batch=b, eval_every=0,
                                 resume="", lr=lr, seed=scfg.train.seed + replica)
