@@ -144,7 +144,7 @@ def test_dry_run_prints_every_step_and_the_total(tiny_ablation, store, capsys):
 
 
 def test_tiny_ablation_end_to_end_and_rerun_reuses_the_studies(tiny_ablation, store, capsys):
-    rule = {"rule": {"lr_coef": 6e-3, "lr_exp": -0.5, "batch_coef": 8.0, "batch_exp": 0.0, "source": "test rule"}}
+    rule = {"rule": {"lr_coef": 6e-3, "lr_exp": -0.5, "batch_coef": 32.0, "batch_exp": 0.0, "source": "test rule"}}
     (store / "rule.json").write_text(json.dumps(rule))
     args = {**tiny_ablation, "steps": "kaplan,tuned", "tuned_rule": str(store / "rule.json"), "pruner": "none",
             "bootstrap": "20", "out": str(store / "report"), "anchors": "chinchilla", "pad_below": "1"}  # 3 sizes a budget
@@ -178,7 +178,7 @@ def test_tiny_ablation_end_to_end_and_rerun_reuses_the_studies(tiny_ablation, st
             else:
                 assert (p["warmup_steps"], p["schedule_steps"]) == ("0", "0")
                 assert float(p["lr"]) == pytest.approx(6e-3 * (float(p["n_params_total"]) / 1e5) ** -0.5)
-                assert p["batch_size"] == "8"
+                assert p["batch_size"] == "32"
             budget = float(r.data.tags["budget"])
             per_token = float(p[f"flops_{rule_name}"]) / float(p["tokens_trained"])
             step_flops = float(p["tokens_per_step"]) * per_token  # C under the step's own rule, to one step

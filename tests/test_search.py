@@ -97,10 +97,10 @@ def test_published_allocations_and_budget_plan():
 
 def test_integer_batch_round_keeps_steps_nearer_the_aim_than_powers_of_two():
     """Over quick's sizes and budgets the batch is the rule's wanted batch rounded: pow2 to a power of two (the
-    default, unchanged), integer to a whole number, whose steps stray less from steps_target once batch >= 4."""
-    pow2 = resolve_search({"mode": "quick"})
-    whole = resolve_search({"mode": "quick", "batch_round": "integer"})
-    assert pow2.batch_round == "pow2"
+    field's default), integer to a whole number (quick's), whose steps stray less from steps_target once batch >= 4."""
+    pow2 = resolve_search({"mode": "quick", "batch_round": "pow2"})
+    whole = resolve_search({"mode": "quick"})
+    assert whole.batch_round == "integer" and resolve_search({"mode": "tiny"}).batch_round == "pow2"
     worst = {"pow2": 0.0, "integer": 0.0}
     for c in pow2.budget_list():
         p = plan_budget(pow2, c)
@@ -477,11 +477,12 @@ def test_search_widens_until_bracketed_and_trains_seed_replicas(tiny_search, sto
     lie on each side of the best; an eager pruner never stops those; the best size and its neighbours get 2 more
     seeds each, as their own child runs differing only by seed; the logged seed noise is their pooled sd, the
     same the analysis measures."""
-    # quick's shapes and batch rule at its smallest budget, where the minimum sits 2 sizes above the smallest model
+    # quick's shapes and batch rule (aiming at 500 steps, not 2000, to keep CI short) at its smallest budget, where
+    # the minimum sits 2 sizes above the smallest model
     # (docs/search.md), started on the Chinchilla-seeded size alone: every other size comes from widening
     scfg = resolve_search({**tiny_search, "mode": "quick", "budgets": "3e10", "anchors": "chinchilla", "pad": "0",
                            "pad_below": "0", "widen": "8", "bracket": "2", "replicas": "1", "eval_tokens": "4096",
-                           "prune_startup": "1", "prune_warmup": "0"})
+                           "prune_startup": "1", "prune_warmup": "0", "steps_target": "500"})
     (res,) = run_search(scfg)
     assert res.edge == "none" and res.below >= 2 and res.above >= 2
     study = next(iter(_studies(tiny_search["storage"]).values()))

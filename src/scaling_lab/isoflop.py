@@ -162,7 +162,7 @@ class SearchConfig:
     """hparams=fixed: batch_size = D / (steps_target * block_size), rounded by batch_round within batch_min..batch_max."""
     batch_round: str = "pow2"
     """How the batch rule's batch is rounded: pow2 (nearest power of two, steps range ~0.7-1.4x the aim) or integer
-    (nearest whole number of sequences, steps within ~±12% of the aim once the batch is 4 or more)."""
+    (nearest whole number of sequences, steps within ~±12% of the aim once the batch is 4 or more; quick's)."""
     batch_min: int = 1
     """Smallest batch in sequences."""
     batch_max: int = 512
@@ -256,11 +256,12 @@ class SearchConfig:
 # Presets. quick: ~30 min on 2 CPU cores (docs/search.md has the measured time and the reasons for
 # the batch rule and the vocabulary). tiny: seconds per trial, for tests.
 SEARCH_MODES: dict[str, dict[str, Any]] = {
-    "tiny": dict(budgets="6e9,1.8e10", sampler="grid", pad=1, widen=0, steps_target=40, batch_min=1, batch_max=64,
+    "tiny": dict(budgets="6e9,1.8e10", sampler="grid", pad=1, widen=0, steps_target=40, batch_min=1, batch_max=256,
                  block_size=64, vocab_size=256, eval_tokens=2048, lr=3e-3, prune_startup=2, prune_warmup=5,
                  dtype="fp32"),
     "quick": dict(budgets="1e10,3e10,1e11,3e11,1e12", anchors="chinchilla", sampler="grid", pad=2, pad_below=2,
-                  widen=4, bracket=2, replicas=2, hparams="fixed", steps_target=2000, batch_min=1, batch_max=512,
+                  widen=4, bracket=2, replicas=2, hparams="fixed", steps_target=2000, batch_round="integer",
+                  batch_min=1, batch_max=512,
                   block_size=64, vocab_size=512, eval_tokens=16384, lr=3e-3, dtype="fp32"),
     "standard": dict(budgets="1e15,3e15,1e16", sampler="tpe", trials=10, pad=2, widen=2, steps_target=3000,
                      batch_min=8, batch_max=512, block_size=256, vocab_size=config.GPT2_VOCAB,

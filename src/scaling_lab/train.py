@@ -230,6 +230,10 @@ class Session:
     """Steps already done (resume)."""
     history: list[float] = field(default_factory=list)
     """train/loss of every step done."""
+    halt: bool = False
+    """Several processes: the step's collective found a signal on some process, so all stop after this step (a
+    signal that lands after the collective waits for the next one: stopping on it alone would leave the others
+    blocked in the next step's all-reduce)."""
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return runtime.autocast(self.device, self.dtype)
@@ -359,7 +363,8 @@ def train_step(s: Session, step: int, stop: Any) -> tuple[torch.Tensor, torch.Te
     if s.world > 1:  # one collective per step: the loss summed over processes, and whether any got a signal
         loss_sum, stop_any = runtime.sum_over_processes(
             torch.stack([loss_sum.float().cpu(), torch.tensor(float(stop.is_set()))]), s.world, s.device)
-        if stop_any > 0:
+        s.halt = stop_any > 0
+        if s.halt:
             stop.set()
     return loss_sum / s.accum, norm.detach(), lr
 
@@ -411,9 +416,10 @@ def fit(s: Session, log: Logger, on_eval: Callable[[int, float, float], None] | 
             ts = time.perf_counter()
             loss, norm, lr = train_step(s, step, stop)
             done = step + 1
+            halt = stop.is_set() if s.world == 1 else s.halt  # several processes stop at the step they agreed on
             steps.add(done, loss, norm, lr, time.perf_counter() - ts)
             at_ckpt = (done % plan.checkpoint_every == 0) if plan.checkpoint_every else done in plan.eval_steps
-            if done in plan.eval_steps or at_ckpt or stop.is_set():
+            if done in plan.eval_steps or at_ckpt or halt:
                 steps.drain()  # history and metrics complete up to here (and a non-finite loss raised)
             if done in plan.eval_steps:
                 val_loss = evaluate(s)
@@ -427,10 +433,11 @@ def fit(s: Session, log: Logger, on_eval: Callable[[int, float, float], None] | 
                     except StopTraining:
                         stopped = True
                         break
-            if ((at_ckpt and done < plan.steps) or stop.is_set()) and s.rank == 0:
+            halt = halt or (s.world == 1 and stop.is_set())  # one process: a signal during the eval counts now
+            if ((at_ckpt and done < plan.steps) or halt) and s.rank == 0:
                 log.flush(raise_on_error=False)  # stored history reaches the checkpoint (kill -9 leaves no gap)
                 checkpoint(s, log, done)
-            if stop.is_set():
+            if halt:
                 bar.close()
                 raise Interrupted(f"signal at step {done}; checkpoint {s.ckpt}")
         steps.drain()
