@@ -30,7 +30,7 @@ from sqlalchemy.pool import NullPool
 
 from scaling_lab import tracking
 from scaling_lab.errors import ConfigError
-from scaling_lab.isoflop import BudgetPlan, SearchConfig, key_of, replica_of, rung_of
+from scaling_lab.isoflop import BudgetPlan, SearchConfig, key_of, replica_of, rung_of, trial_config
 
 # Optuna trial heartbeat period (s); a trial silent for GRACE_S is failed and retried once. The environment
 # may shorten both (tests of killed workers, see docs/scaling-out.md).
@@ -215,6 +215,7 @@ def open_study(scfg: SearchConfig, plan: BudgetPlan, storage, pruner=None):
                                 pruner=pruner or make_pruner(scfg), direction="minimize", load_if_exists=True)
     attrs = study.user_attrs
     check_ladder(study, plan, scfg)
+    check_recipe(study, plan, scfg)
     lo = min(plan.lo, attrs.get("range_lo", plan.lo))
     hi = max(plan.hi, attrs.get("range_hi", plan.hi))
     plan.lo, plan.hi = lo, min(hi, plan.cap)
@@ -245,6 +246,22 @@ def check_ladder(study, plan: BudgetPlan, scfg: SearchConfig) -> None:
         raise ConfigError("study_prefix", scfg.study_prefix,
                           f"a prefix (or storage) without the study {plan.study_name}: it was made with another "
                           f"model ladder, so its rungs would mean other sizes here")
+
+
+def check_recipe(study, plan: BudgetPlan, scfg: SearchConfig) -> None:
+    """Refuse to resume a study whose trials trained with another lr or batch than this search gives the same
+    size (another hparams, batch_round, steps_target, batch bound or lr): one isoFLOP curve, one rule."""
+    for t in study.get_trials(deepcopy=False):
+        rung, batch, lr = t.params.get("rung"), t.user_attrs.get("batch_size"), t.user_attrs.get("lr")
+        if rung is None or batch is None or lr is None or rung >= len(plan.widths):
+            continue
+        want = trial_config(scfg, plan.budget, rung).train
+        if want.batch_size != batch or abs(want.lr - lr) > 1e-9 * abs(lr):
+            raise ConfigError("study_prefix", scfg.study_prefix,
+                              f"a prefix (or storage) without the study {plan.study_name}: its trial {t.number} "
+                              f"(n_embd {plan.widths[rung]}) trained with batch {batch} and lr {lr:g}, where this "
+                              f"search's rule (hparams, batch_round, steps_target, batch_min/batch_max, lr) gives "
+                              f"batch {want.batch_size} and lr {want.lr:g}; one study holds one rule's trials")
 
 
 def enqueue_missing(study, plan: BudgetPlan, grid: bool) -> int:
