@@ -269,3 +269,28 @@ def test_analyze_group_by_on_runs_without_the_tag_is_one_line(store, capsys):
     assert err.startswith("error: parameter 'group_by'") and err.count("\n") == 1
     assert main_analyze(["--source", "simulate", "--group_by", "steps"]) == 2
     assert "'' (none) or protocol" in capsys.readouterr().err
+
+
+def test_a_later_steps_study_under_another_batch_rule_is_refused_before_any_step_trains(tiny_ablation, store, capsys):
+    """The tuned step's study already holds a trial whose batch is not what the step's rule gives its size (as
+    when batch_round or the rule changed): the ablation stops with one line naming study_prefix before the
+    kaplan step trains anything."""
+    rule = {"rule": {"lr_coef": 6e-3, "lr_exp": -0.5, "batch_coef": 32.0, "batch_exp": 0.0, "source": "test rule"}}
+    (store / "rule.json").write_text(json.dumps(rule))
+    args = {**tiny_ablation, "steps": "kaplan,tuned", "tuned_rule": str(store / "rule.json"), "pruner": "none",
+            "analyze": "false"}
+    tuned = ablation.step_configs(ablation.resolve_ablation(dict(args)))["tuned"]
+    c = tuned.budget_list()[0]
+    plan = isoflop.plan_budget(tuned, c)
+    want = isoflop.trial_config(tuned, c, plan.lo).train
+    study = optuna.create_study(study_name=isoflop.study_name(tuned, c), storage=tiny_ablation["storage"],
+                                direction="minimize")
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.COMPLETE, value=4.0, params={"rung": plan.lo},
+        distributions={"rung": optuna.distributions.IntDistribution(0, 30)},
+        user_attrs={"n_embd": plan.widths[plan.lo], "batch_size": want.batch_size * 2, "lr": want.lr}))
+    assert main_ablation(_args(args)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: parameter 'study_prefix'") and "batch_round" in err and err.count("\n") == 1
+    names = {s.study_name for s in optuna.get_all_study_summaries(tiny_ablation["storage"])}
+    assert names == {study.study_name} and not [r for r in _runs(store) if r.data.tags.get("scaling_lab.kind") == "trial"]

@@ -74,7 +74,8 @@ def test_torchrun_two_processes_one_run_same_losses_sigterm_and_resume(tiny, tmp
     micro = int(run.data.params["micro_batch_used"])
     assert int(run.data.params["grad_accum"]) % 2 == 0
     single = MemoryLogger()
-    train(config.resolve({**tiny, "micro_batch": str(micro)}), single, progress=False)
+    train(config.resolve({**tiny, "micro_batch": str(micro), "checkpoint_dir": str(tmp_path / "ck1")}), single,
+          progress=False)
     ref = [v for _, v in single.history("train/loss")]
     assert losses == pytest.approx(ref, rel=2e-3)
 

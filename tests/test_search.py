@@ -420,7 +420,7 @@ def test_search_dry_run_prints_the_plan_and_creates_nothing(flag, tiny_search, s
 
 @pytest.mark.slow
 def test_mlflow_run_search_entry_end_to_end(tiny_search, store):
-    params = {**tiny_search, "budgets": "2e9", "pad": "0"}
+    params = {**tiny_search, "budgets": "2e9", "pad": "0", "checkpoint_dir": str(store / "ck")}  # mlflow run: cwd = ROOT
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"}
     proc = subprocess.run([sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "search", "--env-manager", "local",
                            "--experiment-name", "search-test", *[x for k, v in params.items() for x in ("-P", f"{k}={v}")]],
@@ -477,9 +477,8 @@ def test_search_widens_until_bracketed_and_trains_seed_replicas(tiny_search, sto
     lie on each side of the best; an eager pruner never stops those; the best size and its neighbours get 2 more
     seeds each, as their own child runs differing only by seed; the logged seed noise is their pooled sd, the
     same the analysis measures."""
-    # quick's shapes and batch rule (aiming at 500 steps, not 2000, to keep CI short) at its smallest budget, where
-    # the minimum sits 2 sizes above the smallest model
-    # (docs/search.md), started on the Chinchilla-seeded size alone: every other size comes from widening
+    # quick's shapes and budget 3e10, its batch rule aiming at 500 steps (not 2000, to keep CI short), started on
+    # the Chinchilla-seeded size alone: every other size comes from widening, until the bracket holds
     scfg = resolve_search({**tiny_search, "mode": "quick", "budgets": "3e10", "anchors": "chinchilla", "pad": "0",
                            "pad_below": "0", "widen": "8", "bracket": "2", "replicas": "1", "eval_tokens": "4096",
                            "prune_startup": "1", "prune_warmup": "0", "steps_target": "500"})

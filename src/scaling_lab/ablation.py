@@ -254,6 +254,9 @@ def mark_studies(scfg: SearchConfig, storage: Any, write: bool) -> None:
             diff = ", ".join(f"{k} {have.get(k)!r} -> {v!r}" for k, v in want.items() if have.get(k) != v)
             raise ConfigError("study_prefix", scfg.study_prefix, f"a new prefix: study {name} was trained with "
                               f"other options ({diff})")
+        if name in names and not write:  # its trials' lr and batch too, before any step trains
+            studies.check_recipe(optuna.load_study(study_name=name, storage=storage), isoflop.plan_budget(scfg, c),
+                                 scfg)
         if write:
             study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True)
             study.set_user_attr("protocol", scfg.protocol)

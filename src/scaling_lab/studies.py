@@ -261,7 +261,9 @@ def check_recipe(study, plan: BudgetPlan, scfg: SearchConfig) -> None:
                               f"a prefix (or storage) without the study {plan.study_name}: its trial {t.number} "
                               f"(n_embd {plan.widths[rung]}) trained with batch {batch} and lr {lr:g}, where this "
                               f"search's rule (hparams, batch_round, steps_target, batch_min/batch_max, lr) gives "
-                              f"batch {want.batch_size} and lr {want.lr:g}; one study holds one rule's trials")
+                              f"batch {want.batch_size} and lr {want.lr:g}; one study holds one rule's trials (to "
+                              f"resume it, pass the settings it was made with: quick studies from before 2026-12-03 "
+                              f"need batch_round=pow2)")
 
 
 def enqueue_missing(study, plan: BudgetPlan, grid: bool) -> int:

@@ -363,7 +363,7 @@ def train_step(s: Session, step: int, stop: Any) -> tuple[torch.Tensor, torch.Te
     if s.world > 1:  # one collective per step: the loss summed over processes, and whether any got a signal
         loss_sum, stop_any = runtime.sum_over_processes(
             torch.stack([loss_sum.float().cpu(), torch.tensor(float(stop.is_set()))]), s.world, s.device)
-        s.halt = stop_any > 0
+        s.halt = bool(stop_any > 0)
         if s.halt:
             stop.set()
     return loss_sum / s.accum, norm.detach(), lr
@@ -435,6 +435,7 @@ def fit(s: Session, log: Logger, on_eval: Callable[[int, float, float], None] | 
                         break
             halt = halt or (s.world == 1 and stop.is_set())  # one process: a signal during the eval counts now
             if ((at_ckpt and done < plan.steps) or halt) and s.rank == 0:
+                steps.drain()  # a no-op unless a signal landed after the drain above
                 log.flush(raise_on_error=False)  # stored history reaches the checkpoint (kill -9 leaves no gap)
                 checkpoint(s, log, done)
             if halt:
