@@ -14,8 +14,9 @@ from scaling_lab.config import ModelConfig
 from scaling_lab.errors import ConfigError, StopTraining
 from scaling_lab.isoflop import resolve_search
 from scaling_lab.model import GPT, StackedGPT
+from scaling_lab.optim import clip_per_replica
 from scaling_lab.search import run_search
-from scaling_lab.stacked import clip_per_replica, train_stacked
+from scaling_lab.stacked import train_stacked
 from scaling_lab.train import MemoryLogger, train
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import statistics
 import sys
@@ -24,7 +23,7 @@ from typing import Any
 
 import torch
 
-from scaling_lab import counting, data, figures, model
+from scaling_lab import counting, data, figures, model, optim
 from scaling_lab.config import FLOPS_RULES, RunConfig
 from scaling_lab.counting import Plan, make_plan
 from scaling_lab.model import GPT
@@ -118,9 +117,7 @@ def measure(cfg: RunConfig, device: torch.device, dtype: torch.dtype, compile_on
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     model = GPT(m).to(device)
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(model.param_groups(tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
-                            fused=fused, foreach=None if fused else True)
+    opt = optim.adamw(model.param_groups(tc.weight_decay), tc, device)  # the optimizer train.setup builds
     sync(device)
     build_s = time.perf_counter() - t0
     fwd = torch.compile(model) if compile_on else model
@@ -136,7 +133,7 @@ def measure(cfg: RunConfig, device: torch.device, dtype: torch.dtype, compile_on
         loss.backward()
 
     def opt_step() -> None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip else math.inf)
+        optim.clip_grad_norm(opt, list(model.parameters()), tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

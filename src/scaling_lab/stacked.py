@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from scaling_lab import data, runtime
+from scaling_lab import data, optim, runtime
 from scaling_lab.config import RunConfig
 from scaling_lab.errors import ConfigError, Interrupted, NonFiniteLoss, StopTraining
 from scaling_lab.model import StackedGPT
@@ -42,10 +42,8 @@ class Stack:
         s0 = sessions[0]
         self.sessions, self.k = sessions, len(sessions)
         self.model = StackedGPT([s.model for s in sessions]).to(s0.device)
-        tc = s0.cfg.train
-        fused = s0.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(self.model.param_groups(tc.weight_decay), lr=tc.lr,
-                                           betas=(tc.beta1, tc.beta2), fused=fused, foreach=None if fused else True)
+        self.optimizer = optim.adamw(self.model.param_groups(s0.cfg.train.weight_decay), s0.cfg.train, s0.device,
+                                     rows=self.k)
 
     def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step of every replica: (losses (k,), gradient norms (k,), lr), on the device."""
@@ -63,7 +61,7 @@ class Stack:
                 _, losses = self.model(x, y)
             (losses.sum() / len(s0.mine)).backward()  # replica i's gradient is its own loss's
             loss_sum += losses.detach()
-        norms = clip_per_replica(list(self.model.weights), tc.grad_clip if tc.grad_clip else math.inf)
+        norms = optim.clip_grad_norm(self.optimizer, list(self.model.weights), tc.grad_clip, rows=self.k)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum / s0.accum, norms, lr
@@ -86,26 +84,18 @@ class Stack:
         """Replica i's weights and AdamW state into its own session's model and optimizer (checkpoints, finish)."""
         s = self.sessions[i]
         own = dict(s.model.named_parameters())
+        index = {id(p): j for j, p in enumerate(p for g in s.optimizer.param_groups for p in g["params"])}
+        sd = s.optimizer.state_dict()
+        sd["state"] = {}
         for name, w in zip(self.model.names, self.model.weights):
             own[name].copy_(w[i])
             state = self.optimizer.state.get(w)
             if state:
-                s.optimizer.state[own[name]] = {"step": state["step"].clone(), "exp_avg": state["exp_avg"][i].clone(),
-                                                "exp_avg_sq": state["exp_avg_sq"][i].clone()}
-        for group in s.optimizer.param_groups:
+                sd["state"][index[id(own[name])]] = {"step": state["step"].clone(), "exp_avg": state["exp_avg"][i].clone(),
+                                                     "exp_avg_sq": state["exp_avg_sq"][i].clone()}
+        for group in sd["param_groups"]:
             group["lr"] = self.optimizer.param_groups[0]["lr"]
-
-
-def clip_per_replica(weights: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """clip_grad_norm_ for each replica on its own: the L2 norm over replica i's gradients (the norm of the
-    per-tensor norms, as torch computes it) scales replica i's gradients by min(1, max_norm / (norm + 1e-6)).
-    Returns the norms before clipping (k,)."""
-    grads = [w.grad for w in weights if w.grad is not None]
-    norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads]), dim=0)
-    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
-    return norms
+        s.optimizer.load_state_dict(sd)  # AdamW's own format, whichever AdamW the session has
 
 
 def train_stacked(cfgs: list[RunConfig], logs: list[Logger], on_evals: list[OnEval | None] | None = None,

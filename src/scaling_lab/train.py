@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from scaling_lab import counting, data, figures, runtime
+from scaling_lab import counting, data, figures, optim, runtime
 from scaling_lab.config import RunConfig, from_flat
 from scaling_lab.counting import Plan, make_plan
 from scaling_lab.errors import ConfigError, Interrupted, NonFiniteLoss, StopTraining
@@ -270,9 +270,7 @@ def setup(cfg: RunConfig, log: Logger) -> Session:
     prep_s = time.perf_counter() - t0
 
     model = GPT(m).to(device)
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.param_groups(tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
-                                  fused=fused, foreach=None if fused else True)
+    optimizer = optim.adamw(model.param_groups(tc.weight_decay), tc, device)  # CPU: one flat buffer
     micro = runtime.pick_micro_batch(cfg, device)
     if world > 1:
         micro = runtime.dist_micro_batch(micro, tc.batch_size, world)
@@ -355,10 +353,9 @@ def train_step(s: Session, step: int, stop: Any) -> tuple[torch.Tensor, torch.Te
                 _, loss = s.fwd(x, y)
             (loss / len(s.mine)).backward()  # DDP averages over processes: the mean over all accum
         loss_sum += loss.detach()
-    # one pass over all gradients for the norm (foreach kernels, CPU included), one to scale them
-    norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), tc.grad_clip if tc.grad_clip else math.inf,
-                                          foreach=True)
-    s.optimizer.step()  # AdamW foreach (fused on CUDA); CPU fused changes the numbers, so not used there
+    # CPU: the gradients gathered into one buffer, its norm, one scale; elsewhere torch's foreach norms
+    norm = optim.clip_grad_norm(s.optimizer, list(s.model.parameters()), tc.grad_clip)[0]
+    s.optimizer.step()  # AdamW's arithmetic on that buffer (fused on CUDA; CPU fused changes the numbers)
     s.optimizer.zero_grad(set_to_none=True)
     if s.world > 1:  # one collective per step: the loss summed over processes, and whether any got a signal
         loss_sum, stop_any = runtime.sum_over_processes(
