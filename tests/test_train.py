@@ -15,7 +15,7 @@ from scaling_lab import config, runtime, tracking
 from scaling_lab.counting import make_plan
 from scaling_lab.errors import NonFiniteLoss
 from scaling_lab.model import GPT
-from scaling_lab.train import MemoryLogger, lr_at, setup, train
+from scaling_lab.train import MemoryLogger, evaluate, lr_at, setup, train
 
 
 def test_lr_schedule_warmup_then_cosine_to_ten_percent():
@@ -176,3 +176,15 @@ def test_same_seed_same_per_step_losses_as_the_plain_loop(tiny, extra):
     assert max(abs(a - b) for a, b in zip(result.history, ref)) <= 1e-6
     if extra:
         assert all(v > 0.05 for _, v in log.history("train/grad_norm"))  # the clip acted at every step
+
+
+def test_validation_passes_hold_eval_pass_tokens_and_score_the_same(tiny):
+    """Validation runs EVAL_PASS_TOKENS tokens (or the training micro-batch, when larger) per forward pass; the
+    mean loss is the one sequence-by-sequence passes give, up to float rounding of batched matmuls."""
+    cfg = config.resolve({**tiny, "tokens": "20480", "micro_batch": "2"})
+    s = setup(cfg, MemoryLogger())
+    assert s.micro == 2 and s.eval_micro == runtime.EVAL_PASS_TOKENS // cfg.model.block_size > s.micro
+    assert runtime.eval_micro_batch(8, 1024) == 8 and runtime.eval_micro_batch(3, 4096) == 3
+    with torch.no_grad():
+        one_by_one = sum(s.model(s.val_x[i : i + 1], s.val_y[i : i + 1])[1].item() for i in range(len(s.val_x)))
+    assert abs(evaluate(s) - one_by_one / len(s.val_x)) < 1e-5

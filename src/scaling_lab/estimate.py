@@ -32,6 +32,7 @@ from scaling_lab.runtime import (
     autocast,
     compile_used,
     device_name,
+    eval_micro_batch,
     pick_device,
     pick_dtype,
     pick_micro_batch,
@@ -180,15 +181,16 @@ def measure(cfg: RunConfig, device: torch.device, dtype: torch.dtype, compile_on
 
     model.eval()
     eval_times: list[float] = []
+    xe, ye = batch(eval_micro_batch(micro, m.block_size)) if b == micro else (x, y)  # as train.evaluate passes
     start = time.perf_counter()
     with torch.no_grad():
         while not eval_times or (time.perf_counter() - start < timed_seconds / 3 and len(eval_times) < MAX_TIMED_STEPS):
             t = time.perf_counter()
             with amp:
-                fwd(x, y)
+                fwd(xe, ye)
             sync(device)
             eval_times.append(time.perf_counter() - t)
-    eval_tps = b * m.block_size / statistics.median(eval_times)
+    eval_tps = len(xe) * m.block_size / statistics.median(eval_times)
     model.train()
 
     scale = micro / b  # linear in sequences when timed at one sequence

@@ -70,10 +70,10 @@ class Stack:
     def evaluate(self) -> list[float]:
         """Every replica's mean validation loss over the same fixed windows."""
         s0 = self.sessions[0]
-        total = torch.zeros(self.k, dtype=torch.float64)
-        for i in range(0, len(s0.val_x), s0.micro):
-            x = s0.val_x[i : i + s0.micro].to(s0.device)
-            y = s0.val_y[i : i + s0.micro].to(s0.device)
+        total, m = torch.zeros(self.k, dtype=torch.float64), s0.eval_micro
+        for i in range(0, len(s0.val_x), m):
+            x = s0.val_x[i : i + m].to(s0.device)
+            y = s0.val_y[i : i + m].to(s0.device)
             with s0.autocast():
                 _, losses = self.model(x.expand(self.k, -1, -1), y.expand(self.k, -1, -1))
             total += losses.double().cpu() * len(x)

@@ -238,6 +238,11 @@ class Session:
     def autocast(self) -> contextlib.AbstractContextManager:
         return runtime.autocast(self.device, self.dtype)
 
+    @property
+    def eval_micro(self) -> int:
+        """Validation windows per forward pass (runtime.eval_micro_batch)."""
+        return runtime.eval_micro_batch(self.micro, self.cfg.model.block_size)
+
 
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
@@ -325,9 +330,9 @@ def evaluate(s: Session) -> float:
     """Mean validation loss (nats/token) over the fixed windows; each process scores its share."""
     eval_fwd = s.fwd if s.world == 1 else s.model  # evaluation needs no gradient sync
     s.model.eval()
-    total = 0.0
-    for i in range(s.rank * s.micro, len(s.val_x), s.micro * s.world):
-        x, y = s.val_x[i : i + s.micro].to(s.device), s.val_y[i : i + s.micro].to(s.device)
+    total, m = 0.0, s.eval_micro
+    for i in range(s.rank * m, len(s.val_x), m * s.world):
+        x, y = s.val_x[i : i + m].to(s.device), s.val_y[i : i + m].to(s.device)
         with s.autocast():
             _, loss = eval_fwd(x, y)
         total += loss.item() * len(x)
