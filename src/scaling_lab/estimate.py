@@ -44,7 +44,9 @@ TIMED_SECONDS = 1.5  # wall time spent on timed steps per calibration (more step
 MAX_TIMED_STEPS = 50
 PROBE_LIMIT_S = 2.0  # when one full micro-batch step would take longer, time 1 sequence and scale linearly
 CHECKPOINT_PROBE_BYTES = 64 * 2**20  # write at most this much to measure checkpoint write speed
-OPTIMIZER_BYTES_PER_PARAM = 16  # fp32 weight 4 + grad 4 + AdamW exp_avg 4 + exp_avg_sq 4 (Kingma & Ba 2015)
+# fp32 weight 4 + grad 4 + AdamW exp_avg 4 + exp_avg_sq 4 (Kingma & Ba 2015), + 4 for the gradients FlatAdamW
+# gathers into its buffer on the CPU (an upper bound elsewhere)
+OPTIMIZER_BYTES_PER_PARAM = 20
 
 
 # --------------------------------------------------------------------------- device and keys

@@ -76,14 +76,15 @@ def pick_micro_batch(cfg: RunConfig, device: torch.device) -> int:
     return max(d for d in range(1, t.batch_size + 1) if t.batch_size % d == 0 and d <= fit)
 
 
-EVAL_PASS_TOKENS = 1024  # validation tokens per forward pass, at least (measured: benchmarks/RESULTS.md)
+EVAL_PASS_TOKENS = 512  # validation tokens per forward pass, at least (measured: benchmarks/RESULTS.md)
 
 
 def eval_micro_batch(micro: int, block_size: int) -> int:
     """Validation windows per forward pass: the training micro-batch, or EVAL_PASS_TOKENS tokens' worth when that
     is more. Without gradients a pass holds no activations for backward, so this never needs more memory than
-    a training micro-batch of one sequence at block_size >= EVAL_PASS_TOKENS; on a CPU, 1-sequence passes of a
-    tiny model are per-operation overhead (16k validation tokens at batch 1 x 64: ~2x the time of 16 x 64)."""
+    a training micro-batch of one sequence at block_size >= EVAL_PASS_TOKENS. On a CPU, 1-sequence passes of a
+    tiny model are per-operation overhead: 16k validation tokens took 2-4x as long at batch 1 x 64 as at 8 x 64,
+    the fastest or near it for d = 8..48 (16 x 64 was slower again)."""
     return max(micro, EVAL_PASS_TOKENS // block_size)
 
 
