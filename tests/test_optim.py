@@ -1,5 +1,7 @@
 """FlatAdamW (one buffer for every parameter, CPU) against torch's own AdamW and clip_grad_norm_: the same numbers
-bit for bit, the same state_dict both ways, per-replica clipping for stacked weights."""
+(bit for bit on the AVX2 host where it was written; the tests allow 1e-6, the size of a CPU whose vector kernels
+round a tail element otherwise, while a wrong formula moves them by 1e-4 or more), the same state_dict both ways,
+per-replica clipping for stacked weights."""
 
 import copy
 
@@ -19,6 +21,17 @@ def _batches(n: int, k: int = 0, b: int = 4) -> list[tuple[torch.Tensor, torch.T
     lead = (k,) if k else ()
     return [(torch.randint(0, 257, (*lead, b, 32), generator=g), torch.randint(0, 257, (*lead, b, 32), generator=g))
             for _ in range(n)]
+
+
+def _same(a, b, tol: float = 1e-6) -> bool:
+    """Nested lists of floats equal within ``tol``."""
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y, tol) for x, y in zip(a, b))
+    return abs(a - b) <= tol
+
+
+def _same_weights(m1: torch.nn.Module, m2: torch.nn.Module) -> bool:
+    return all(torch.allclose(p, q, rtol=0, atol=1e-6) for p, q in zip(m1.parameters(), m2.parameters()))
 
 
 def _run(model: torch.nn.Module, opt: torch.optim.Optimizer, batches, clip: float, flat: bool, rows: int = 1,
@@ -45,7 +58,7 @@ def _run(model: torch.nn.Module, opt: torch.optim.Optimizer, batches, clip: floa
 
 
 @pytest.mark.parametrize("clip", [1e9, 1.0, 0.05])
-def test_flat_adamw_is_torch_adamw_bit_for_bit(clip):
+def test_flat_adamw_is_torch_adamw(clip):
     """Same init, batches and lr schedule: every loss, norm and final weight equal to torch.optim.AdamW(foreach)
     with clip_grad_norm_ (clipping never, sometimes, always active)."""
     torch.manual_seed(0)
@@ -55,8 +68,8 @@ def test_flat_adamw_is_torch_adamw_bit_for_bit(clip):
     a = _run(ref, torch.optim.AdamW(ref.param_groups(0.1), foreach=True, **kw), _batches(30), clip, flat=False)
     opt = FlatAdamW(mine.param_groups(0.1), **kw)
     b = _run(mine, opt, _batches(30), clip, flat=True)
-    assert a == b
-    assert all(torch.equal(p, q) for p, q in zip(ref.parameters(), mine.parameters()))
+    assert _same(a, b)
+    assert _same_weights(ref, mine)
     if clip == 0.05:
         assert all(n[0] > 0.05 for n in b[1])  # the clip acted at every step
     # the parameters are views of the one buffer: the update reached the module
@@ -72,7 +85,7 @@ def test_flat_adamw_per_replica_clipping_matches_the_stacked_reference():
     batches = _batches(20, k=3)
     a = _run(ref, torch.optim.AdamW(ref.param_groups(0.1), foreach=True, **kw), batches, 0.3, flat=False, rows=3)
     b = _run(mine, FlatAdamW(mine.param_groups(0.1), rows=3, **kw), batches, 0.3, flat=True, rows=3)
-    assert a == b
+    assert _same(a, b)
     assert len({tuple(n) for n in b[1]}) > 1 and all(len(set(n)) == 3 for n in b[1])  # one norm per replica
 
 
@@ -99,8 +112,8 @@ def test_state_dict_moves_between_flat_and_torch_adamw():
         o2 = second(m2.param_groups(0.1), **kw)
         o2.load_state_dict(sd)
         got2 = _run(m2, o2, batches[6:], 1.0, flat=second is FlatAdamW, lrs=[1e-3] * 6)
-        assert got[0] + got2[0] == want[0], (first.__name__, second.__name__)
-        assert all(torch.equal(p, q) for p, q in zip(m2.parameters(), straight.parameters()))
+        assert _same(got[0] + got2[0], want[0]), (first.__name__, second.__name__)
+        assert _same_weights(m2, straight)
 
 
 def test_cpu_gets_the_flat_optimizer_with_adamw_settings():
@@ -112,3 +125,19 @@ def test_cpu_gets_the_flat_optimizer_with_adamw_settings():
     assert all(g["lr"] == 2e-3 and g["betas"] == (0.8, 0.9) for g in opt.param_groups)
     with pytest.raises(ValueError, match="leading dimension of 3"):
         FlatAdamW(GPT(SHAPE).param_groups(0.1), rows=3)
+
+
+def test_a_gathered_gradient_is_not_reused_after_zero_grad():
+    """clip gathers; zero_grad forgets that set, so the next step reads the new gradients (no stale update)."""
+    torch.manual_seed(0)
+    m = GPT(SHAPE)
+    opt = FlatAdamW(m.param_groups(0.0), lr=1e-2)
+    (x, y), (x2, y2) = _batches(2)
+    m(x, y)[1].backward()
+    opt.clip_grad_norm_(1.0)
+    opt.zero_grad()
+    before = opt.flat.clone()
+    m(x2, y2)[1].backward()
+    want = torch.cat([p.grad.reshape(1, -1) for g in opt.param_groups for p in g["params"]], dim=1)
+    opt.step()
+    assert torch.equal(opt.gbuf, want) and not torch.equal(opt.flat, before)

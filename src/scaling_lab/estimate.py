@@ -28,6 +28,7 @@ from scaling_lab.config import FLOPS_RULES, RunConfig
 from scaling_lab.counting import Plan, make_plan
 from scaling_lab.model import GPT
 from scaling_lab.runtime import (
+    EVAL_PASS_TOKENS,
     activation_bytes_per_seq,
     autocast,
     compile_used,
@@ -53,8 +54,13 @@ OPTIMIZER_BYTES_PER_PARAM = 20
 
 
 def _model_code() -> str:
-    """Short hash of the model's source: a timing cached before a change to the compute path is not reused."""
-    return hashlib.sha256(Path(model.__file__).read_bytes()).hexdigest()[:8]
+    """Short hash of the compute path's source (the model, the optimizer, and the validation pass size): a timing
+    cached before a change to it is not reused."""
+    h = hashlib.sha256()
+    for f in (model.__file__, optim.__file__):
+        h.update(Path(f).read_bytes())
+    h.update(f"eval {EVAL_PASS_TOKENS}".encode())
+    return h.hexdigest()[:8]
 
 
 def calibration_key(cfg: RunConfig, device: torch.device, dtype: torch.dtype, compile_on: bool, micro: int) -> str:

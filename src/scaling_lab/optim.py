@@ -26,7 +26,9 @@ class FlatAdamW(torch.optim.AdamW):
     ``params``: AdamW's param groups; every parameter has ``rows`` as its leading dimension when ``rows`` > 1.
     Parameters are moved into the buffer (``p.data`` becomes a view), so build this after the model is on its
     device and before anything keeps a reference to ``p.data``. ``clip_grad_norm_`` gathers and clips the
-    gradients; ``step`` gathers them itself when it was not called.
+    gradients; ``step`` gathers them itself when it was not called (or takes a closure); ``zero_grad`` forgets
+    a gathered set. Unlike AdamW, a parameter without a gradient is updated as with a zero one (decay and
+    momentum): every GPT parameter has a gradient at every step.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -57,7 +59,7 @@ class FlatAdamW(torch.optim.AdamW):
                 self.views[p] = (col, n)
                 col += n
             self.spans.append((start, col))
-        self.gviews = [self._view(self.gbuf, c, n, p.shape) for p, (c, n) in self.views.items()]
+        self.gviews = {p: self._view(self.gbuf, c, n, p.shape) for p, (c, n) in self.views.items()}
         self.n_steps = 0
         self._step = torch.zeros(())  # AdamW's per-parameter ``step``, shared here; state_dict gives copies
 
@@ -84,8 +86,7 @@ class FlatAdamW(torch.optim.AdamW):
         the order of ``order``, the parameters as the caller lists them; then one multiply), so the numbers are
         the per-tensor path's, bit for bit."""
         g = self.gather()
-        views = dict(zip(self.views, self.gviews))
-        gv = [views[p] for p in order] if order is not None else self.gviews
+        gv = [self.gviews[p] for p in (order if order is not None else self.views)]
         if self.rows == 1:
             norms = torch.nn.utils.get_total_norm(gv, foreach=True).reshape(1)
         else:
@@ -98,7 +99,11 @@ class FlatAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         """torch's AdamW update (its multi-tensor arithmetic, operation for operation) on each group's columns."""
-        loss = closure() if closure is not None else None
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            self.gathered = False  # the closure made new gradients
         g = self.gbuf if self.gathered else self.gather()
         self.n_steps += 1
         for group, (a, b) in zip(self.param_groups, self.spans):
@@ -119,6 +124,10 @@ class FlatAdamW(torch.optim.AdamW):
         if self.n_steps == 1:
             self._bind_state()
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.gathered = False
+        super().zero_grad(set_to_none)
 
     # ---------------------------------------------------------------- AdamW's state, views of the buffers
 
