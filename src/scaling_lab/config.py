@@ -163,7 +163,7 @@ class TrainConfig:
     device: str = "auto"
     """auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps."""
     dtype: str = "auto"
-    """Autocast precision: auto (bf16 where supported), bf16, fp32."""
+    """Autocast precision: auto (bf16 on CUDA with bf16 and on CPUs with native bf16, else fp32), bf16, fp32."""
     compile: str = "false"
     """torch.compile: true, false, auto (when the run is long enough to repay compiling)."""
     seed: int = 1337
