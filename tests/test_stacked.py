@@ -91,6 +91,23 @@ def test_three_stacked_replicas_train_as_three_separate_runs(tiny):
     assert len({round(r.history[-1], 6) for r in out}) == 3  # different seeds, different runs
 
 
+@pytest.mark.parametrize("schedule", [{"warmup_steps": "7", "schedule_steps": "30"}, {"schedule": "wsd"}])
+def test_stacked_replicas_follow_the_runs_own_schedule(tiny, schedule):
+    """The stacked step sets the lr a run alone would have: fixed warmup and schedule lengths (the ablation's
+    kaplan step) and the wsd schedule too (it once ignored warmup_steps and schedule_steps)."""
+    base = {**tiny, "tokens": "20480", "lr": "2e-3", **schedule}  # 40 steps of 8 x 64 tokens
+    cfgs = [config.resolve({**base, "seed": str(seed)}) for seed in (3, 4)]
+    ref = MemoryLogger()
+    train(cfgs[0], ref, progress=False)
+    logs = [MemoryLogger(run_id=f"replica{i}") for i in range(2)]
+    out = train_stacked(cfgs, logs, [None, None])
+    assert all(not isinstance(r, BaseException) for r in out), out
+    want = [v for _, v in ref.history("train/lr")]
+    assert len(want) == 40 and len(set(want)) > 10  # a schedule, not a constant
+    for log in logs:
+        assert [v for _, v in log.history("train/lr")] == pytest.approx(want, rel=1e-12)
+
+
 def test_only_replicas_that_differ_by_seed_stack(tiny):
     a = config.resolve({**tiny, "seed": "1"})
     with pytest.raises(ConfigError, match="'seed'"):

@@ -26,6 +26,23 @@ def test_lr_schedule_warmup_then_cosine_to_ten_percent():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
 
 
+def test_wsd_schedule_holds_the_peak_then_cools_down_over_the_last_fifth():
+    """Hägele et al. 2024: warmup, the peak held, then 1 - sqrt(progress) over the last cooldown_frac of the steps
+    to min_ratio * peak at the last step; with schedule_steps the cooldown ends there, as cosine's decay does."""
+    steps, peak = 100, 1e-3
+    lrs = [lr_at(s, steps, peak, 0.1, 0.1, schedule="wsd") for s in range(steps)]
+    assert lrs[:10] == [lr_at(s, steps, peak, 0.1, 0.1) for s in range(10)]  # the same warmup as cosine
+    start = 99 - 20  # cooldown_frac 0.2 of 100 steps
+    assert all(v == peak for v in lrs[9 : start + 1])
+    assert all(a > b for a, b in zip(lrs[start:], lrs[start + 1 :]))  # strictly falling through the cooldown
+    assert lrs[-1] == pytest.approx(0.1 * peak)
+    half = start + 10  # half-way: 1 - sqrt(0.5) of the way from the floor to the peak
+    assert lrs[half] == pytest.approx(peak * (0.1 + 0.9 * (1 - 0.5**0.5)))
+    short = [lr_at(s, 60, peak, 0.1, 0.1, 5, 100, "wsd", 0.5) for s in range(120)]
+    assert short[:50] == [peak * (s + 1) / 5 for s in range(5)] + [peak] * 45 and short[99] == pytest.approx(0.1 * peak)
+    assert short[110] == pytest.approx(0.1 * peak)  # past the horizon: the floor
+
+
 def test_plan_from_flops_and_budget_too_small(tiny):
     cfg = config.resolve({**tiny, "flops": "5e10"})
     plan = make_plan(cfg)

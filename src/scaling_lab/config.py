@@ -29,6 +29,7 @@ FLOPS_RULES = ("kaplan", "total", "chinchilla", "exact")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "bf16", "fp32")
 COMPILE_CHOICES = ("auto", "true", "false")
+SCHEDULES = ("cosine", "wsd")
 NAMED_DATASETS = ("wikitext-2", "wikitext-103", "openwebtext")
 TOKENIZERS = ("gpt2",)
 
@@ -140,7 +141,12 @@ class TrainConfig:
     lr: float = 3e-3
     """Peak learning rate of AdamW."""
     min_lr_ratio: float = 0.1
-    """Cosine decay ends at this fraction of lr."""
+    """The decay ends at this fraction of lr."""
+    schedule: str = "cosine"
+    """Learning-rate decay after the warmup: cosine (a half cosine to min_lr_ratio * lr at the last step) or wsd
+    (warmup-stable-decay, Hägele et al. 2024: lr held, then a 1-sqrt cooldown over the last cooldown_frac)."""
+    cooldown_frac: float = 0.2
+    """schedule=wsd: fraction of the schedule's steps in the cooldown (Hägele et al. 2024 use 0.2)."""
     warmup_frac: float = 0.1
     """Fraction of the run's own steps of linear warmup (used when warmup_steps is 0)."""
     warmup_steps: int = 0
@@ -204,6 +210,9 @@ class TrainConfig:
             raise ConfigError("device", dev, "auto, cpu, cuda, cuda:N, mps")
         choice("dtype", self.dtype, DTYPES)
         choice("compile", self.compile, COMPILE_CHOICES)
+        choice("schedule", self.schedule, SCHEDULES)
+        if not isinstance(self.cooldown_frac, (int, float)) or not 0 < self.cooldown_frac <= 1:
+            raise ConfigError("cooldown_frac", self.cooldown_frac, "a number in (0, 1]")
         if not isinstance(self.yes, bool):
             raise ConfigError("yes", self.yes, "true or false")
 

@@ -21,7 +21,7 @@ from scaling_lab import data, optim, runtime
 from scaling_lab.config import RunConfig
 from scaling_lab.errors import ConfigError, Interrupted, NonFiniteLoss, StopTraining
 from scaling_lab.model import StackedGPT
-from scaling_lab.train import Logger, Progress, Session, StepLog, TrainResult, finish, lr_at, save_checkpoint, setup
+from scaling_lab.train import Logger, Progress, Session, StepLog, TrainResult, finish, lr_for, save_checkpoint, setup
 
 OnEval = Callable[[int, float, float], None]
 
@@ -49,7 +49,7 @@ class Stack:
         """One optimizer step of every replica: (losses (k,), gradient norms (k,), lr), on the device."""
         s0 = self.sessions[0]
         tc = s0.cfg.train
-        lr = lr_at(step, s0.plan.steps, tc.lr, tc.warmup_frac, tc.min_lr_ratio)
+        lr = lr_for(step, s0.plan.steps, tc)  # the same schedule as train_step (warmup_steps, schedule_steps too)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros(self.k, device=s0.device)

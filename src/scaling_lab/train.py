@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from scaling_lab import counting, data, figures, optim, runtime
-from scaling_lab.config import RunConfig, from_flat
+from scaling_lab.config import RunConfig, TrainConfig, from_flat
 from scaling_lab.counting import Plan, make_plan
 from scaling_lab.errors import ConfigError, Interrupted, NonFiniteLoss, StopTraining
 from scaling_lab.model import GPT
@@ -116,18 +116,33 @@ class TrainResult:
 
 
 def lr_at(step: int, steps: int, peak: float, warmup_frac: float, min_ratio: float, warmup_steps: int = 0,
-          schedule_steps: int = 0) -> float:
-    """Linear warmup (``warmup_steps``, else ``warmup_frac`` of the run's ``steps``), then cosine to min_ratio * peak
-    at the schedule's last step: the run's last step, or step ``schedule_steps`` - 1 when that is set (a run
-    shorter than it stops mid-schedule; steps past it stay at min_ratio * peak). ``step`` is 0-based."""
+          schedule_steps: int = 0, schedule: str = "cosine", cooldown_frac: float = 0.2) -> float:
+    """Linear warmup (``warmup_steps``, else ``warmup_frac`` of the run's ``steps``), then a decay to
+    min_ratio * peak at the schedule's last step: the run's last step, or step ``schedule_steps`` - 1 when that is
+    set (a run shorter than it stops mid-schedule; steps past it stay at min_ratio * peak). ``step`` is 0-based.
+    cosine: the decay is a half cosine over everything after the warmup. wsd (warmup-stable-decay, Hägele et al.
+    2024, arXiv:2405.18392): the peak is held, and the last ``cooldown_frac`` of the schedule's steps fall as
+    1 - sqrt(progress), their best cooldown shape."""
     horizon = schedule_steps or steps
     warmup = warmup_steps or int(warmup_frac * steps)
     if step < warmup:
         return peak * (step + 1) / warmup
     if horizon - 1 <= warmup:
         return peak
+    if schedule == "wsd":
+        start = max(warmup, horizon - 1 - round(cooldown_frac * horizon))  # first step of the cooldown
+        if step <= start:
+            return peak
+        shape = 1 - math.sqrt(min(1.0, (step - start) / (horizon - 1 - start)))  # 1 -> 0 over the cooldown
+        return peak * (min_ratio + (1 - min_ratio) * shape)
     progress = min(1.0, (step - warmup) / (horizon - 1 - warmup))  # 0 -> 1 over the decay
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def lr_for(step: int, steps: int, tc: TrainConfig) -> float:
+    """The learning rate of 0-based ``step`` of a run of ``steps`` optimizer steps under ``tc``'s schedule."""
+    return lr_at(step, steps, tc.lr, tc.warmup_frac, tc.min_lr_ratio, tc.warmup_steps, tc.schedule_steps,
+                 tc.schedule, tc.cooldown_frac)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -345,7 +360,7 @@ def train_step(s: Session, step: int, stop: Any) -> tuple[torch.Tensor, torch.Te
     Returns (train/loss averaged over the whole batch, gradient norm, lr); loss and norm stay on the device (no
     host sync: ``fit`` reads them back in its logging batch)."""
     tc = s.cfg.train
-    lr = lr_at(step, s.plan.steps, tc.lr, tc.warmup_frac, tc.min_lr_ratio, tc.warmup_steps, tc.schedule_steps)
+    lr = lr_for(step, s.plan.steps, tc)
     for group in s.optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=s.device)
