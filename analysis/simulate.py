@@ -9,7 +9,7 @@ import sys
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # tiny fits: one BLAS thread is fastest
 
-from scaling_lab.cli import main_analyze  # noqa: E402
+if __name__ == "__main__":  # the import too: the bootstrap's spawned processes re-run this file's top level
+    from scaling_lab.cli import main_analyze
 
-if __name__ == "__main__":
     sys.exit(main_analyze(["--source", "simulate", *sys.argv[1:]]))

@@ -92,6 +92,20 @@ def test_simulation_recovers_its_law():
     assert res["conventions"]["total"]["approach2"]["a"] == pytest.approx(truth["a"], abs=0.06)
 
 
+def test_bootstrap_intervals_do_not_depend_on_the_refit_processes():
+    """workers=2 runs Approach 3's bootstrap refits in two processes; every interval equals the one-process one."""
+    study = sources.simulate(seed=4, noise=0.01)
+    out = []
+    for workers in (1, 2):
+        cfg = analyze.AnalyzeConfig(source="simulate", bootstrap=40, log=False, convention="total", workers=workers)
+        res, _ = analyze.analyze_study(study, cfg)
+        out.append(res["conventions"]["total"])
+    for approach in ("approach1", "approach2", "approach3"):
+        assert out[0][approach]["ci95"] == out[1][approach]["ci95"], approach
+    lo, hi = out[0]["approach3"]["ci95"]["a"]
+    assert lo < hi  # a real interval, from resamples that differ
+
+
 def _csv(tmp_path, frame: pd.DataFrame) -> str:
     p = tmp_path / "in.csv"
     frame.to_csv(p, index=False)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from scaling_lab import approach2, laws
+from scaling_lab import approach2, laws, resampling
 
 LADDER = 1e7 * np.sqrt(2) ** np.arange(16)  # parameters
 BUDGETS = np.logspace(18, 20.5, 8)  # FLOPs
@@ -46,11 +46,11 @@ def old_interval(L, seed=0, n_boot=200):
     def fit(idx):
         return {"a": laws.approach2(N[idx], D[idx], C[idx], L[idx], labels=LABELS[idx]).a}
 
-    return laws.interval(laws.bootstrap(fit, N.size, n_boot=n_boot, seed=seed, strata=LABELS)["a"])
+    return resampling.interval(resampling.bootstrap(fit, N.size, n_boot=n_boot, seed=seed, strata=LABELS)["a"])
 
 
 def new_interval(L, sd, seed=0):
-    return laws.interval(approach2.bootstrap_isoflops(N, D, C, L, loss_sd=sd, draws=1000, seed=seed)["a"])
+    return resampling.interval(approach2.bootstrap_isoflops(N, D, C, L, loss_sd=sd, draws=1000, seed=seed)["a"])
 
 
 def test_noise_free_hoffmann_recovers_a_and_the_old_parabola_does_not():
@@ -102,7 +102,7 @@ def test_steep_large_model_side_new_fit_follows_true_minima():
     assert old.a - a_star > 0.05  # measured 0.534: the steep far side drags the all-sizes vertex
     ci = old_interval(L)
     assert ci["lo"] > a_star  # measured [0.486, 0.577]: excludes the truth
-    new = laws.interval(approach2.bootstrap_isoflops(N, D, C, L)["a"])  # pooled residual noise: 0.0044 nats
+    new = resampling.interval(approach2.bootstrap_isoflops(N, D, C, L)["a"])  # pooled residual noise: 0.0044 nats
     assert new["lo"] <= a_star <= new["hi"]  # measured [0.444, 0.469]
     assert old_interval(L * (1 + 0.003 * np.random.default_rng(7).standard_normal(N.size)))["lo"] > a_star  # 0.491
 
@@ -221,7 +221,7 @@ def test_parametric_bootstrap_is_reproducible_and_fast():
     fit = approach2.fit_isoflops(N, D, C, L, loss_sd=sd, seed=4)
     c = 5.76e23
     assert np.allclose(s1["N@Chinchilla"] * s1["D@Chinchilla"] * fit.k, c)
-    ci = laws.interval(s1["a"])
+    ci = resampling.interval(s1["a"])
     assert ci["lo"] < fit.a < ci["hi"]  # the draws' median sits below the fit, 0.003-0.01 on average (60 seeds)
     # a fresh seed's vertex draws spread as the fit's standard errors say (the weights come from such draws)
     se = [np.nanstd(np.log(s3[f"N_opt@fitted{i}"])) for i in range(len(fit.groups))]
@@ -244,7 +244,7 @@ def test_a3_starts_for_multi_start_bootstrap_refits():
     assert all(np.max(np.abs(p - q)) > 1e-3 for i, p in enumerate(preds) for q in preds[:i])
     rng, strata = np.random.default_rng(0), laws.group_budgets(c)
     for _ in range(3):
-        idx = laws.resample(n.size, rng, strata)
+        idx = resampling.resample(n.size, rng, strata)
         one = laws.approach3(n[idx], d[idx], L[idx], starts=0, init=starts[:1])
         many = laws.approach3(n[idx], d[idx], L[idx], starts=0, init=starts)
         assert many.objective <= one.objective + 1e-15

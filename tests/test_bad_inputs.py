@@ -155,6 +155,8 @@ CASES = [
     ("negative-tokens", "main", [*TINY, "--tokens", "-5"], ["tokens", "non-negative"], {}),
     ("lr-not-a-number", "main", [*TINY, "--lr", "abc"], ["lr", "a number"], {}),
     ("yes-not-a-bool", "main", [*TINY, "--yes", "maybe"], ["yes", "true or false"], {}),
+    ("schedule", "main", [*TINY, "--schedule", "linear"], ["schedule", "cosine, wsd"], {}),
+    ("cooldown-frac", "main", [*TINY, "--schedule", "wsd", "--cooldown_frac", "0"], ["cooldown_frac", "(0, 1]"], {}),
     ("no-such-device", "main", [*TINY, "--device", "tpu"], ["device", "tpu"], {}),
     ("tokens-1e30", "main", [*TINY, "--tokens", "1e30"], ["'yes'", "--yes", "more than a day"], {}),
     ("flops-1e30", "main", [*TINY, "--flops", "1e30"], ["'yes'", "--yes", "more than a day"], {}),
@@ -186,6 +188,8 @@ CASES = [
      ["convention", "bogus"], {}),
     ("analyze-bootstrap", "analyze", ["--source", "simulate", "--bootstrap", "-1", "--log", "false"],
      ["bootstrap"], {}),
+    ("analyze-workers", "analyze", ["--source", "simulate", "--workers", "-2", "--log", "false"],
+     ["workers", "one per CPU core"], {}),
     # --- tune and doctor
     ("tune-mode", "tune", ["--mode", "huge"], ["mode", "huge"], {}),
     ("tune-budgets", "tune", [*TUNE, "--budgets", "abc"], ["budgets", "abc"], {}),

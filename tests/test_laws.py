@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from scaling_lab import laws
+from scaling_lab import laws, resampling
 
 
 def _isoflop_design(budgets, per_budget=9, span=3.0, k=6.0, centre=0.5, offset=-1.0):
@@ -129,7 +129,7 @@ def test_bootstrap_interval_covers_truth_in_most_trials():
         def fit(idx, L=L):
             return {"a": laws.approach2(N[idx], D[idx], C[idx], L[idx], labels=labels[idx]).a}
 
-        ci = laws.interval(laws.bootstrap(fit, N.size, n_boot=150, seed=trial, strata=labels)["a"])
+        ci = resampling.interval(resampling.bootstrap(fit, N.size, n_boot=150, seed=trial, strata=labels)["a"])
         covered += ci["lo"] <= a_true <= ci["hi"]
     assert covered >= 15, covered
 
@@ -162,3 +162,21 @@ def test_too_few_points_single_budget_and_nan_are_named():
         laws.approach3(N, D, bad)
     with pytest.raises(laws.FitError, match="parameter 'runs'.*at least 2 points"):
         laws.fit_power_law([1.0], [2.0])
+
+
+def test_approach3_refits_in_two_processes_equal_the_refits_in_one():
+    """The bootstrap's Approach 3 refits spread over spawned processes give the very same fits, in order, and None
+    for a resample that cannot be fitted (one model size only)."""
+    rng = np.random.default_rng(1)
+    N, D, C = _isoflop_design(np.logspace(18, 20, 3), per_budget=5)
+    L = laws.chinchilla(N, D, **laws.HOFFMANN) * np.exp(rng.normal(0, 0.01, N.size))
+    full = laws.approach3(N, D, L)
+    init = laws.a3_starts(N, D, L, full, n=2)
+    idxs = resampling.resamples(len(N), 12, seed=3, strata=laws.group_budgets(C))
+    idxs.append(np.zeros(len(N), dtype=int))  # every pick the same run: no fit
+    one = resampling.approach3_refits(N, D, L, 6.0, init, idxs, workers=1)
+    two = resampling.approach3_refits(N, D, L, 6.0, init, idxs, workers=2, chunk=5)
+    assert len(one) == len(two) == 13 and one[-1] is None and two[-1] is None
+    assert all(f is not None for f in one[:-1])
+    assert [f.params() for f in one[:-1]] == [f.params() for f in two[:-1]]  # bit for bit
+    assert len({round(f.a, 6) for f in one[:-1]}) > 6  # the resamples differ, so do their fits

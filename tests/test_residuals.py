@@ -3,7 +3,7 @@ the interval covers the truth in most seeded repetitions, and it widens with the
 
 import numpy as np
 
-from scaling_lab import laws, residuals
+from scaling_lab import laws, resampling, residuals
 
 # Hoffmann et al. 2022, Eq. 10 (Approach 3's fitted law): E 1.69, A 406.4, B 410.7, alpha 0.34, beta 0.28
 TRUE = laws.ChinchillaFit(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
@@ -20,7 +20,7 @@ def _interval(L: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
     fit = laws.approach3(N, D, L)
     starts = laws.a3_starts(N, D, L, fit, n=2, pool=8)
     draws = residuals.residual_bootstrap(N, D, L, fit, starts, n_boot=n_boot, seed=seed)
-    return laws.interval(np.array([f.a for f in draws if f is not None]))
+    return resampling.interval(np.array([f.a for f in draws if f is not None]))
 
 
 def test_draws_keep_the_design_and_are_seeded():

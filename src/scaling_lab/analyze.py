@@ -9,6 +9,7 @@ Pipeline: ``load`` (sources: MLflow, CSV or a simulation) -> ``analyze_study`` -
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from scaling_lab import approach2, config, laws, report, residuals
+from scaling_lab import approach2, config, laws, report, resampling, residuals
 from scaling_lab.errors import ConfigError
 from scaling_lab.overlay import load_prediction, overlay_prediction
 from scaling_lab.sources import CONVENTIONS, RunTable, load_csv, load_mlflow, parse_tags, simulate
@@ -77,6 +78,8 @@ class AnalyzeConfig:
     group_by: str = ""
     """'' (one fit of all the runs) or protocol: one fit per value of the runs' protocol tag (an ablation's steps,
     scaling_lab.ablation), side by side: a per step under each convention, the N_opt(C) figure of every step."""
+    workers: int = 0
+    """Processes for the bootstrap's Approach 3 refits (0 = one per CPU core this process may use; 1 = none)."""
     log: bool = True
     """Log the analysis to an MLflow run tagged scaling_lab.kind=analyze."""
 
@@ -99,6 +102,8 @@ class AnalyzeConfig:
             raise ConfigError("curve_frac", self.curve_frac, "a number in (0, 1)")
         if not 0 <= self.noise < 1:
             raise ConfigError("noise", self.noise, "a number in [0, 1)")
+        if not (isinstance(self.workers, int) and self.workers >= 0):
+            raise ConfigError("workers", self.workers, "0 (one per CPU core) or a positive number of processes")
         parse_budgets(self.budgets)
         parse_tags(self.tags)
         if self.group_by not in GROUP_BY:
@@ -107,6 +112,12 @@ class AnalyzeConfig:
             raise ConfigError("overlay", self.overlay, "'' with group_by (an overlay draws over one fit)")
         if self.overlay:
             load_prediction(self.overlay)
+
+    def cores(self) -> int:
+        """Processes for the bootstrap refits: ``workers``, or the CPU cores this process may run on."""
+        if self.workers:
+            return self.workers
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def field_names() -> list[str]:
@@ -176,7 +187,7 @@ def _curves_for(study: RunTable, conv: str) -> list[laws.Curve]:
 
 
 def _ci(samples: dict[str, np.ndarray], key: str) -> dict[str, float]:
-    return laws.interval(samples[key]) if key in samples else {"lo": None, "hi": None, "se": None, "n": 0}
+    return resampling.interval(samples[key]) if key in samples else {"lo": None, "hi": None, "se": None, "n": 0}
 
 
 def _pair(ci: dict[str, float]) -> list[float | None]:
@@ -279,12 +290,12 @@ def point_fits(d: ConventionData, rtol: float) -> PointFits:
 
 
 def bootstrap_fits(d: ConventionData, p: PointFits, n_boot: int, seed: int,
-                   a3_cache: dict[bytes, Any] | None = None, a3_interval: str = "pairs") -> tuple[dict[str, np.ndarray],
-                                                                                    dict[str, np.ndarray]]:
+                   a3_cache: dict[bytes, Any] | None = None, a3_interval: str = "pairs",
+                   workers: int = 1) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Refit every approach on ``n_boot`` resamples of the runs within each budget. Returns (samples: {name:
     values} of exponents, parameters and N/D/L at the fitted and named budgets; bands: lines and grids of each
     approach for the figures). ``a3_cache`` shares Approach 3 refits between conventions with the same N, D, L
-    (total and exact: only k differs)."""
+    (total and exact: only k differs); the refits run first, in ``workers`` processes (resampling.approach3_refits)."""
     a3_cache = {} if a3_cache is None else a3_cache
     N, D, L, labels, k = d.N, d.D, d.L, d.labels, d.k
     bnames, bvals = list(d.budgets), np.array(list(d.budgets.values()))
@@ -297,6 +308,9 @@ def bootstrap_fits(d: ConventionData, p: PointFits, n_boot: int, seed: int,
 
     key0 = N.tobytes() + D.tobytes() + L.tobytes()
     done = [0]
+    todo = [idx for idx in resampling.resamples(len(N), n_boot, seed, strata=labels) if key0 + idx.tobytes() not in a3_cache]
+    for idx, f in zip(todo, resampling.approach3_refits(N, D, L, k, starts3, todo, workers)):
+        a3_cache[key0 + idx.tobytes()] = f
 
     def a3(idx: np.ndarray) -> laws.ChinchillaFit:
         """Approach 3 on a resample of the runs (the pairs bootstrap: the interval, or beside the residual one);
@@ -304,6 +318,8 @@ def bootstrap_fits(d: ConventionData, p: PointFits, n_boot: int, seed: int,
         key = key0 + idx.tobytes()
         if key not in a3_cache:
             a3_cache[key] = laws.approach3(N[idx], D[idx], L[idx], k=k, starts=0, init=starts3)
+        if a3_cache[key] is None:
+            raise laws.FitError("runs", len(idx), "a resample Approach 3 can fit")
         return _with_k(a3_cache[key], k)
 
     def draw_values(a_name: str, f: Any) -> dict[str, float]:
@@ -352,7 +368,7 @@ def bootstrap_fits(d: ConventionData, p: PointFits, n_boot: int, seed: int,
                     out[f"kaplan/{key}/{q}"] = v[q]
         return out
 
-    samples = laws.bootstrap(one, len(N), n_boot, seed, strata=labels)
+    samples = resampling.bootstrap(one, len(N), n_boot, seed, strata=labels)
     if a3_interval == "residual":
         rkey = b"residual" + key0
         if rkey not in a3_cache:  # total and exact share N, D, L and so these refits too
@@ -474,7 +490,8 @@ def fit_convention(study: RunTable, conv: str, cfg: AnalyzeConfig, extra_budgets
     ncol, ccol = CONVENTIONS[conv]
     d = convention_data(study, conv, cfg, extra_budgets)
     p = point_fits(d, cfg.rtol)
-    samples, boot = (bootstrap_fits(d, p, cfg.bootstrap, cfg.seed, a3_cache, cfg.a3_interval) if cfg.bootstrap
+    samples, boot = (bootstrap_fits(d, p, cfg.bootstrap, cfg.seed, a3_cache, cfg.a3_interval, cfg.cores())
+                     if cfg.bootstrap
                      else ({}, {}))
     lobo = _leave_one_budget_out(d, p) if d.n_budgets >= 3 else []
     for key, v in p.kaplan.items():

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from scaling_lab import analyze, figures, laws, report
+from scaling_lab import analyze, figures, laws, report, resampling
 from scaling_lab.errors import ConfigError
 from scaling_lab.sources import RunTable
 
@@ -80,7 +80,7 @@ def approach3_only(sub: RunTable, cfg: analyze.AnalyzeConfig, reason: str) -> tu
         def one(idx: np.ndarray, d: analyze.ConventionData = d, starts: list = starts) -> dict[str, float]:
             return {"a": laws.approach3(d.N[idx], d.D[idx], d.L[idx], k=d.k, starts=0, init=starts).a}
 
-        ci = laws.interval(laws.bootstrap(one, len(d.N), cfg.bootstrap, cfg.seed, strata=d.labels).get(
+        ci = resampling.interval(resampling.bootstrap(one, len(d.N), cfg.bootstrap, cfg.seed, strata=d.labels).get(
             "a", np.array([]))) if cfg.bootstrap else {"lo": None, "hi": None, "se": None}
         lo, hi = (ci["lo"], ci["hi"]) if ci["lo"] is not None and math.isfinite(ci["lo"]) else (None, None)
         res["conventions"][conv] = {

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -558,45 +558,7 @@ def a3_starts(N: Sequence[float], D: Sequence[float], loss: Sequence[float], fit
     return out
 
 
-# --------------------------------------------------------------------------- bootstrap, cross-validation
-
-
-def resample(n: int, rng: np.random.Generator, strata: np.ndarray | None = None) -> np.ndarray:
-    """Indices of a bootstrap sample of runs, drawn with replacement within each stratum (budget) when given,
-    so every budget keeps its number of runs."""
-    if strata is None:
-        return rng.integers(0, n, n)
-    idx = [rng.choice(np.flatnonzero(strata == s), size=int(np.sum(strata == s)), replace=True)
-           for s in np.unique(strata)]
-    return np.concatenate(idx)
-
-
-def bootstrap(fit: Callable[[np.ndarray], dict[str, float]], n: int, n_boot: int = 200, seed: int = 0,
-              strata: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Refit on ``n_boot`` resamples of the runs; ``fit(idx)`` returns named numbers. A resample whose fit fails
-    (e.g. a budget left with < 3 sizes) is skipped. Returns {name: array of values}."""
-    rng = np.random.default_rng(seed)
-    out: dict[str, list[float]] = {}
-    for _ in range(n_boot):
-        idx = resample(n, rng, strata)
-        try:
-            vals = fit(idx)
-        except (FitError, np.linalg.LinAlgError, ValueError, ArithmeticError):
-            continue
-        for k, v in vals.items():
-            out.setdefault(k, []).append(float(v))
-    return {k: np.asarray(v) for k, v in out.items()}
-
-
-def interval(samples: np.ndarray, level: float = 0.95) -> dict[str, float]:
-    """Percentile interval and standard error of bootstrap samples."""
-    s = np.asarray(samples, dtype=float)
-    s = s[np.isfinite(s)]
-    if len(s) < 2:
-        return {"lo": float("nan"), "hi": float("nan"), "se": float("nan"), "n": int(len(s))}
-    q = (1 - level) / 2
-    return {"lo": float(np.quantile(s, q)), "hi": float(np.quantile(s, 1 - q)), "se": float(np.std(s, ddof=1)),
-            "n": int(len(s))}
+# --------------------------------------------------------------------------- cross-validation
 
 
 def leave_one_budget_out(N: np.ndarray, D: np.ndarray, C: np.ndarray, loss: np.ndarray, labels: np.ndarray,

@@ -7,7 +7,7 @@ the full fit's prediction plus a residual of the full fit drawn with replacement
 (centred, and inflated by sqrt(n / (n - 5)) for the 5 fitted parameters), then refits Approach 3 from several
 starts. The residuals hold the seed noise and whatever the law misses, so a law that fits
 badly gets a wide interval. This is the same question Approach 2's parametric bootstrap answers (how far a re-run
-of this design moves a), where resampling runs (``laws.bootstrap``, the "pairs" bootstrap) also redraws the
+of this design moves a), where resampling runs (``resampling.bootstrap``, the "pairs" bootstrap) also redraws the
 design: with ~10 runs per budget it often drops the sizes that pin E, alpha and beta. analyze reports both.
 """
 
