@@ -146,7 +146,7 @@ BAD_FILES = [  # (file name, bytes, encoding, words of the one-line message)
     ("train.txt", b"line one\nna\xefve\n", "utf-8", ["not valid utf-8", "byte 0xef at byte offset 11 (line 2)"]),
     ("train.txt", "caf\u00e9".encode()[:-1], "utf-8", ["byte 0xc3 at byte offset 3", "unexpected end of data"]),
     ("train.txt", b" \n\t\n", "utf-8", ["no text (whitespace only)"]),
-    ("train.txt.gz", gzip.compress(b""), "utf-8", ["empty after decompression"]),
+    ("train.txt.gz", gzip.compress(b"", mtime=0), "utf-8", ["empty after decompression"]),
     ("train.txt.gz", b"\x1f\x8b\x08\x00broken", "utf-8", ["cannot be read or decompressed"]),
     ("train.jsonl", b'{"body": "x"}\n', "utf-8", ["no 'text' field (its first record: body)"]),
     ("train.jsonl", b"not json\n", "utf-8", ["not JSON lines"]),
