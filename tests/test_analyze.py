@@ -93,11 +93,11 @@ def test_simulation_recovers_its_law():
 
 
 def test_bootstrap_intervals_do_not_depend_on_the_refit_processes():
-    """workers=2 runs Approach 3's bootstrap refits in two processes; every interval equals the one-process one."""
+    """fit_workers=2 runs Approach 3's bootstrap refits in two processes; every interval equals the one-process one."""
     study = sources.simulate(seed=4, noise=0.01)
     out = []
     for workers in (1, 2):
-        cfg = analyze.AnalyzeConfig(source="simulate", bootstrap=40, log=False, convention="total", workers=workers)
+        cfg = analyze.AnalyzeConfig(source="simulate", bootstrap=40, log=False, convention="total", fit_workers=workers)
         res, _ = analyze.analyze_study(study, cfg)
         out.append(res["conventions"]["total"])
     for approach in ("approach1", "approach2", "approach3"):

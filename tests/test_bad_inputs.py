@@ -188,8 +188,8 @@ CASES = [
      ["convention", "bogus"], {}),
     ("analyze-bootstrap", "analyze", ["--source", "simulate", "--bootstrap", "-1", "--log", "false"],
      ["bootstrap"], {}),
-    ("analyze-workers", "analyze", ["--source", "simulate", "--workers", "-2", "--log", "false"],
-     ["workers", "one per CPU core"], {}),
+    ("analyze-fit-workers", "analyze", ["--source", "simulate", "--fit_workers", "-2", "--log", "false"],
+     ["fit_workers", "one per CPU core"], {}),
     # --- tune and doctor
     ("tune-mode", "tune", ["--mode", "huge"], ["mode", "huge"], {}),
     ("tune-budgets", "tune", [*TUNE, "--budgets", "abc"], ["budgets", "abc"], {}),

@@ -78,7 +78,7 @@ class AnalyzeConfig:
     group_by: str = ""
     """'' (one fit of all the runs) or protocol: one fit per value of the runs' protocol tag (an ablation's steps,
     scaling_lab.ablation), side by side: a per step under each convention, the N_opt(C) figure of every step."""
-    workers: int = 0
+    fit_workers: int = 0
     """Processes for the bootstrap's Approach 3 refits (0 = one per CPU core this process may use; 1 = none)."""
     log: bool = True
     """Log the analysis to an MLflow run tagged scaling_lab.kind=analyze."""
@@ -102,8 +102,8 @@ class AnalyzeConfig:
             raise ConfigError("curve_frac", self.curve_frac, "a number in (0, 1)")
         if not 0 <= self.noise < 1:
             raise ConfigError("noise", self.noise, "a number in [0, 1)")
-        if not (isinstance(self.workers, int) and self.workers >= 0):
-            raise ConfigError("workers", self.workers, "0 (one per CPU core) or a positive number of processes")
+        if not (isinstance(self.fit_workers, int) and self.fit_workers >= 0):
+            raise ConfigError("fit_workers", self.fit_workers, "0 (one per CPU core) or a positive number of processes")
         parse_budgets(self.budgets)
         parse_tags(self.tags)
         if self.group_by not in GROUP_BY:
@@ -114,9 +114,9 @@ class AnalyzeConfig:
             load_prediction(self.overlay)
 
     def cores(self) -> int:
-        """Processes for the bootstrap refits: ``workers``, or the CPU cores this process may run on."""
-        if self.workers:
-            return self.workers
+        """Processes for the bootstrap refits: ``fit_workers``, or the CPU cores this process may run on."""
+        if self.fit_workers:
+            return self.fit_workers
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
