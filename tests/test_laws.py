@@ -114,6 +114,24 @@ def test_curve_extrapolation_recovers_power_law():
     assert abs(r["rel_err"]) < 0.01  # the final loss within 1%
 
 
+def test_curve_grid_costs_are_the_least_squares_of_each_exponent():
+    """The learning-curve fit scores its grid of exponents b in one array operation: each cost is that of the
+    2-parameter least squares of y = a·x^(-b) + c (or through the origin where that gives a <= 0 or c < 0)."""
+    rng = np.random.default_rng(5)
+    grid = np.exp(np.linspace(np.log(0.01), np.log(4.0), 40))
+    for _ in range(20):
+        xs = np.arange(10.0, 1001.0, 10.0)
+        ys = rng.uniform(0, 4) + rng.uniform(-3, 6) * xs ** -rng.uniform(0.05, 2) + rng.normal(0, 0.02, xs.size)
+        want = []
+        for b in grid:
+            X = np.stack([xs ** -b, np.ones_like(xs)], axis=1)
+            (a, c), *_ = np.linalg.lstsq(X, ys, rcond=None)
+            if a <= 0 or c < 0:
+                a, c = np.sum(X[:, 0] * ys) / np.sum(X[:, 0] ** 2), 0.0
+            want.append(np.sum((a * X[:, 0] + c - ys) ** 2))
+        np.testing.assert_allclose(laws._grid_costs(xs, ys, grid), want, rtol=1e-9, atol=1e-12)
+
+
 def test_bootstrap_interval_covers_truth_in_most_trials():
     """20 seeded trials of Approach 2 on noisy parabolas; the 95% percentile interval of a should cover the
     truth in at least 15 (a 95% interval covers ~19 on average; 15 allows for the small samples)."""

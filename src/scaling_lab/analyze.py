@@ -29,6 +29,7 @@ KAPLAN_RESAMPLES = 200  # Kaplan's laws are refitted on the first 200 resamples 
 A3_INTERVALS = ("pairs", "residual")
 A2_MIN_DRAWS = 1000  # Approach 2's parametric bootstrap draws at least this many
 GROUP_BY = ("", "protocol")  # group_by: one fit of all the runs, or one per ablation step (scaling_lab.grouped)
+CURVATURE_BAND = (0.5, 2.0)  # measured / Approach 3's isoFLOP curvature within this: the law has the curves' shape
 ILLUSTRATIVE_FACTOR = 100.0  # extrapolations further beyond the fitted compute get no interval (illustrative)
 
 
@@ -438,8 +439,25 @@ def _approach_rows(d: ConventionData, p: PointFits, samples: dict[str, np.ndarra
           "n_opt_by_budget": [{"budget": b, "n_opt": float(fit3.n_at(b)), "n_opt_ci95": ci(f"approach3/N@fitted{i}")}
                               for i, b in enumerate(fit2.budgets)],
           "huber_delta": laws.HUBER_DELTA, "objective": fit3.objective, "at_bounds": list(fit3.at_bounds),
-          "rms_rel_residual": float(np.sqrt(np.mean((fit3.loss(d.N, d.D) / d.L - 1) ** 2)))}
+          "rms_rel_residual": float(np.sqrt(np.mean((fit3.loss(d.N, d.D) / d.L - 1) ** 2))),
+          **curvature_check(fit2, fit3)}
     return {"approach1": a1, "approach2": a2, "approach3": a3}
+
+
+def curvature_check(fit2: approach2.IsoFlopMinima, fit3: laws.ChinchillaFit) -> dict[str, Any]:
+    """Does Approach 3's law have the shape of the measured isoFLOP curves? Per budget Approach 2 fitted, the
+    leading coefficient of its window parabola (loss in ln N) against the one the law implies at that vertex
+    (ChinchillaFit.isoflop_curvature). A median ratio outside CURVATURE_BAND means one E + A/N^α + B/D^β cannot both
+    run through the budgets' losses and bend like their curves: its a then follows that misfit."""
+    rows = []
+    for b, n, par in zip(fit2.budgets, fit2.n_opt, fit2.parabolas):
+        law = float(fit3.isoflop_curvature(n, b))
+        rows.append({"budget": float(b), "n_opt": float(n), "measured": float(par[0]), "law": law,
+                     "ratio": float(par[0] / law) if law > 0 else None})
+    ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
+    med = float(np.median(ratios)) if ratios else None
+    return {"isoflop_curvature": rows, "curvature_ratio_median": med,
+            "curvature_consistent": None if med is None else bool(CURVATURE_BAND[0] <= med <= CURVATURE_BAND[1])}
 
 
 def _extrapolation(d: ConventionData, p: PointFits, samples: dict[str, np.ndarray]) -> list[dict[str, Any]]:

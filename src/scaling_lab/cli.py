@@ -433,6 +433,8 @@ def _print_analysis(results: dict[str, Any], cfg: analyze.AnalyzeConfig) -> None
         for name, v in vs.items():
             if v.get("a") is not None:
                 print(laws.verdict_sentence(f"{conv} / {name}", v))
+    for line in report.shape_warnings(results):
+        print(line)
     ov = results.get("overlay")
     if ov:
         m = ov["measured"]["approach3"]

@@ -446,6 +446,14 @@ class ChinchillaFit:
     def loss(self, N: np.ndarray, D: np.ndarray) -> np.ndarray:
         return chinchilla(N, D, self.E, self.A, self.B, self.alpha, self.beta)
 
+    def isoflop_curvature(self, N: np.ndarray | float, C: np.ndarray | float) -> np.ndarray:
+        """Half the second derivative of the isoFLOP curve L(N, C/(k·N)) in ln N at N [nats per (ln N)²]: the x²
+        coefficient of the parabola in x = ln N that the law implies there, comparable with the leading coefficient
+        of a window parabola fitted to measured losses (approach2). d²L/dx² = α²·A/N^α + β²·B/D^β."""
+        N = np.asarray(N, dtype=float)
+        D = np.asarray(C, dtype=float) / (self.k * N)
+        return 0.5 * (self.alpha ** 2 * self.A * N ** -self.alpha + self.beta ** 2 * self.B * D ** -self.beta)
+
     def params(self) -> dict[str, float]:
         return {"E": self.E, "A": self.A, "B": self.B, "alpha": self.alpha, "beta": self.beta,
                 "a": self.a, "b": self.b}
@@ -654,8 +662,7 @@ def curve_fit_extrapolate(steps: Sequence[float], loss: Sequence[float], frac: f
         return float(np.sum((a0 * X[:, 0] + c0 - ys) ** 2)), float(a0), float(c0)
 
     grid = np.exp(np.linspace(math.log(0.01), math.log(4.0), 40))
-    costs = [solve(b)[0] for b in grid]
-    i = int(np.argmin(costs))
+    i = int(np.argmin(_grid_costs(xs, ys, grid)))
     lo, hi = math.log(grid[max(i - 1, 0)]), math.log(grid[min(i + 1, len(grid) - 1)])
     r = optimize.minimize_scalar(lambda lb: solve(math.exp(lb))[0], bounds=(lo, hi), method="bounded",
                                  options={"xatol": 1e-4})
@@ -669,6 +676,19 @@ def curve_fit_extrapolate(steps: Sequence[float], loss: Sequence[float], frac: f
         actual = float(y[s == target][-1])
         out.update(actual=actual, rel_err=(pred - actual) / actual)
     return out
+
+
+def _grid_costs(xs: np.ndarray, ys: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """``solve``'s cost at every b of ``grid`` at once: per b the least squares of y = a·x^(-b) + c in closed form,
+    or the fit through the origin (c = 0) where that gives a <= 0 or c < 0."""
+    X = xs[None, :] ** -grid[:, None]  # (G, n)
+    xm, ym = X.mean(axis=1), ys.mean()
+    a = ((X - xm[:, None]) * (ys - ym)).sum(axis=1) / np.maximum(((X - xm[:, None]) ** 2).sum(axis=1), 1e-300)
+    c = ym - a * xm
+    bad = (a <= 0) | (c < 0)
+    a = np.where(bad, (X * ys).sum(axis=1) / (X ** 2).sum(axis=1), a)
+    c = np.where(bad, 0.0, c)
+    return ((a[:, None] * X + c[:, None] - ys) ** 2).sum(axis=1)
 
 
 def extrapolation_factor(C: float, fitted_max: float) -> float:

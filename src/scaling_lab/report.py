@@ -99,7 +99,7 @@ def verdict_section(results: dict[str, Any]) -> list[tuple]:
     convs = results["conventions"]
     rows = [[name] + [f"{_g(convs[c][name]['a'], '.3f')} {ci_txt(convs[c][name]['ci95'].get('a'), '.3f')}"
                       for c in convs] for name in ("approach1", "approach2", "approach3")]
-    B: list[tuple] = [("h2", "Verdict"), ("pre", "\n".join(lines)),
+    B: list[tuple] = [("h2", "Verdict"), ("pre", "\n".join(lines + shape_warnings(results))),
                       ("p", "The exponent a (N_opt ∝ C^a) and its 95% interval under each counting convention:"),
                       ("table", ["approach", *convs], rows)]
     epochs = results.get("epochs_by_budget") or []
@@ -163,6 +163,8 @@ def convention_section(conv: str, r: dict[str, Any], figs: dict[str, list]) -> l
                        "(e.g. E -> 0): the data do not pin that parameter down."))
     B.append(("p", f"Approach 3 RMS relative residual {100 * a3['rms_rel_residual']:.2f}%; Approach 1 from "
                    f"{'training curves' if a1['from_curves'] else 'final losses only'} ({a1['runs']} runs)."))
+    if a3.get("curvature_ratio_median") is not None:
+        B.append(("p", curvature_text(a3)))
     rows = [[_g(b["budget"], ".3g"), _g(b["n_opt"], ".4g"), ci_txt(b["n_opt_ci95"]), _g(b["d_opt"], ".4g"),
              f"{_g(b['window'][0], '.3g')}..{_g(b['window'][1], '.3g')}" if b.get("window") else "-",
              _g(b.get("weight"), ".3g")] for b in a2["n_opt_by_budget"]]
@@ -331,6 +333,31 @@ def write_report(results: dict[str, Any], objects: dict[str, Any], study: RunTab
     return folder
 
 
+def shape_warnings(results: dict[str, Any]) -> list[str]:
+    """One line per convention whose Approach 3 law does not bend like its isoFLOP curves (analyze.curvature_check),
+    printed under the verdict: that approach's a and interval then say more about the law than about the runs."""
+    out = []
+    for conv, r in results["conventions"].items():
+        a3 = r["approach3"]
+        if a3.get("curvature_consistent") is False:
+            out.append(f"{conv} / approach3: the isoFLOP curves are {_g(a3['curvature_ratio_median'], '.2g')}x as "
+                       "curved (median) as its law implies: the law's form misses these runs, so its a follows that "
+                       "misfit; Approach 2 reads the minima from the curves themselves")
+    return out
+
+
+def curvature_text(a3: dict[str, Any]) -> str:
+    """One sentence on whether Approach 3's law bends like the measured isoFLOP curves (analyze.curvature_check)."""
+    per = ", ".join(f"{_g(r['ratio'], '.2g')}" for r in a3["isoflop_curvature"])
+    head = (f"IsoFLOP curvature, measured / Approach 3's law at each Approach 2 minimum: median "
+            f"{_g(a3['curvature_ratio_median'], '.3g')} (per budget {per}). ")
+    if a3.get("curvature_consistent"):
+        return head + "The law has the shape of the curves."
+    return head + ("The law fitted through all budgets does not bend like the curves it is fitted to: its form does not "
+                   "describe these runs, so its a follows that misfit and its interval is no measure of the data's "
+                   "noise. Approach 2 reads each budget's minimum from its own curve.")
+
+
 def metrics_of(results: dict[str, Any]) -> dict[str, float]:
     out = {}
     for conv, r in results["conventions"].items():
@@ -340,8 +367,8 @@ def metrics_of(results: dict[str, Any]) -> dict[str, float]:
                 ci = r[a]["ci95"].get(p) or [None, None]
                 if ci[0] is not None:
                     out[f"{conv}/{a}/{p}_lo"], out[f"{conv}/{a}/{p}_hi"] = ci
-        for p in ("E", "A", "B", "alpha", "beta"):
-            out[f"{conv}/approach3/{p}"] = r["approach3"][p]
+        for p in ("E", "A", "B", "alpha", "beta", "curvature_ratio_median"):
+            out[f"{conv}/approach3/{p}"] = r["approach3"].get(p)
     ov = results.get("overlay")
     if ov:
         out["overlay/a_predicted"] = ov["a_predicted"]
