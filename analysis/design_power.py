@@ -1,7 +1,8 @@
 """Design power: how wide must an exponent's interval be on these runs' design? Redraws every run's final loss
-from a law (default: Approach 3 fitted on the runs) plus noise, refits Approaches 2 and 3 as the analysis does,
-and prints each approach's spread of a over the draws (power.py). At the seed-to-seed sd it is the best this
-design can do when the law holds; at the law's RMS residual it is the case the runs measured.
+from a law (default: Approach 3 fitted on the runs) plus noise, refits Approaches 2 and 3 as the analysis does
+(Approach 2 with fewer draws for its weights: power.py), and prints each approach's spread of a over the draws.
+At the seed-to-seed sd it is what that estimator gives on this design when the law holds and only that noise
+remains; at the law's RMS residual, the case the runs measured.
 
     python analysis/design_power.py --tags scaling_lab.kind=trial --draws 100
     python analysis/design_power.py --tags scaling_lab.kind=trial --law 1.69,406.4,410.7,0.34,0.28 --noise 0.01
@@ -39,6 +40,8 @@ def main(argv: list[str]) -> int:
             raise ConfigError("convention", a.convention, ", ".join(CONVENTIONS))
         if a.draws < 1:
             raise ConfigError("draws", a.draws, "a whole number >= 1")
+        if a.seed < 0:
+            raise ConfigError("seed", a.seed, "a whole number >= 0")
         if a.workers < 0:
             raise ConfigError("workers", a.workers, "0 (one per core) or a number of processes >= 1")
         cfg = AnalyzeConfig(experiment=a.experiment, tags=a.tags, parent_run=a.parent_run, log=False, bootstrap=0)

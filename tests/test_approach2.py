@@ -268,7 +268,7 @@ def test_curvature_check_passes_the_law_and_flags_curves_sharper_than_any_law_th
     ok = analyze.curvature_check(approach2.fit_isoflops(N, D, C, L), fit3)
     ratios = [r["ratio"] for r in ok["isoflop_curvature"]]
     assert len(ratios) >= 6 and all(0.9 < r < 1.1 for r in ratios)  # measured 0.99-1.01
-    assert ok["curvature_consistent"] and "has the shape" in report.curvature_text({**ok})
+    assert ok["curvature_consistent"] and "matches the curves" in report.curvature_text(ok)
     # every budget's curve bent 20x harder around its true minimum (a penalty for sizes away from the optimum, as a
     # learning rate or batch suited to one size does to the others): the minima stay where they were. Approach 3
     # refits a more curved law (E 1.69 -> 2.46) that still bends less than the curves, and its a moves (measured

@@ -35,7 +35,7 @@ def test_noisy_draws_spread_and_do_not_depend_on_the_processes():
 
 
 @pytest.mark.parametrize("kw, param", [({"noise": -0.1}, "noise"), ({"noise": float("nan")}, "noise"),
-                                       ({"noise": 0.01, "draws": 0}, "draws"),
+                                       ({"noise": 0.01, "draws": 0}, "draws"), ({"noise": 0.01, "seed": -1}, "seed"),
                                        ({"noise": 0.01, "approaches": ("approach9",)}, "approaches")])
 def test_bad_arguments_name_the_parameter(kw, param):
     with pytest.raises(laws.FitError, match=f"parameter '{param}'"):
@@ -57,6 +57,6 @@ def test_script_on_a_store(tmp_path, monkeypatch):
         "approach2", "approach3"] * 2
     assert "fitted on the runs" in ok.stdout and "RMS residual" in ok.stdout
     for args, param in ((["--law", "1,2,3"], "law"), (["--noise", "seed"], "noise"), (["--noise", "-1"], "noise"),
-                        (["--convention", "both"], "convention")):
+                        (["--convention", "both"], "convention"), (["--seed", "-1"], "seed")):
         bad = subprocess.run([*script, *args], env=env, capture_output=True, text=True, timeout=600)
         assert bad.returncode == 2 and f"parameter '{param}'" in bad.stderr and "Traceback" not in bad.stderr

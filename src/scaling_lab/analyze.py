@@ -447,8 +447,8 @@ def _approach_rows(d: ConventionData, p: PointFits, samples: dict[str, np.ndarra
 def curvature_check(fit2: approach2.IsoFlopMinima, fit3: laws.ChinchillaFit) -> dict[str, Any]:
     """Does Approach 3's law have the shape of the measured isoFLOP curves? Per budget Approach 2 fitted, the
     leading coefficient of its window parabola (loss in ln N) against the one the law implies at that vertex
-    (ChinchillaFit.isoflop_curvature). A median ratio outside CURVATURE_BAND means one E + A/N^α + B/D^β cannot both
-    run through the budgets' losses and bend like their curves: its a then follows that misfit."""
+    (ChinchillaFit.isoflop_curvature). A median ratio outside CURVATURE_BAND means the E + A/N^α + B/D^β fitted
+    through all budgets' losses does not bend like their curves: its a then reflects that misfit too."""
     rows = []
     for b, n, par in zip(fit2.budgets, fit2.n_opt, fit2.parabolas):
         law = float(fit3.isoflop_curvature(n, b))

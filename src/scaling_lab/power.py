@@ -3,9 +3,12 @@
 Keep every run's (N, D, budget) as the search trained them, draw its final loss from a known law
 L = E + A/N^α + B/D^β plus Gaussian noise of a given size (nats), fit Approaches 2 and 3 as the analysis does,
 and repeat. The spread of the fitted exponents over the draws is the sampling distribution of each estimator on
-this design: its central 95% range is the narrowest honest interval the design can give when the law holds and
-only that noise remains. With the seed-to-seed sd as the noise it is a best case (a real search adds whatever the
-law misses); with the fit's RMS residual it is the case the runs measured.
+this design: its central 95% range is about the width a calibrated 95% interval of that estimator would have
+when the law holds and only that noise remains (itself an estimate: its ends move by a few hundredths between
+runs of 200 draws). With the seed-to-seed sd as the noise it is a best case for that law (a real search adds
+whatever the law misses); with the fit's RMS residual it is the case the runs measured. Approach 2 weights its
+budgets from A2_VAR_DRAWS draws per fit here (1,000 in the analysis), and its spread covers the draws it could
+fit (budgets whose minimum is not bracketed, or whose window parabola fails, are dropped as in the analysis).
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import numpy as np
 
 from scaling_lab import approach2, laws
 from scaling_lab.errors import ConfigError
+
+A2_VAR_DRAWS = 100  # draws inside each Approach 2 fit for its budgets' weights (the analysis takes 1,000)
+APPROACHES = ("approach2", "approach3")
 
 
 @dataclass
@@ -64,6 +70,7 @@ def _fit_draws(job: tuple) -> list[dict[str, float]]:
     with laws.one_blas_thread():
         for i in range(first, first + count):
             L = draw_losses(law, N, D, noise, np.random.default_rng([seed, i]))
+            a2_seed = int(np.random.SeedSequence([seed, i, 2]).generate_state(1)[0])  # its own stream per draw
             row = {name: float("nan") for name in approaches}
             if "approach3" in row:
                 try:
@@ -73,15 +80,11 @@ def _fit_draws(job: tuple) -> list[dict[str, float]]:
             if "approach2" in row:
                 try:
                     row["approach2"] = approach2.fit_isoflops(N, D, C, L, labels=labels, loss_sd=sd,
-                                                              var_draws=A2_VAR_DRAWS, seed=seed + i).a
+                                                              var_draws=A2_VAR_DRAWS, seed=a2_seed).a
                 except (laws.FitError, ValueError, ArithmeticError, np.linalg.LinAlgError):
                     pass
             out.append(row)
     return out
-
-
-A2_VAR_DRAWS = 100  # draws inside each Approach 2 fit for its budgets' weights (the analysis takes 1,000)
-APPROACHES = ("approach2", "approach3")
 
 
 def design_spread(N: Sequence[float], D: Sequence[float], C: Sequence[float], labels: Sequence[int],
@@ -99,6 +102,8 @@ def design_spread(N: Sequence[float], D: Sequence[float], C: Sequence[float], la
         raise laws.FitError("noise", noise, "a finite standard deviation >= 0 (nats)")
     if not (isinstance(draws, int) and draws >= 1):
         raise laws.FitError("draws", draws, "a whole number of simulated re-runs, at least 1")
+    if not (isinstance(seed, int) and seed >= 0):
+        raise laws.FitError("seed", seed, "a whole number >= 0")
     unknown = sorted(set(approaches) - set(APPROACHES))
     if unknown or not approaches:
         raise laws.FitError("approaches", list(approaches), " and/or ".join(APPROACHES))
@@ -120,7 +125,8 @@ LAW_NAMES = ("E", "A", "B", "alpha", "beta")
 
 
 def parse_law(text: str, k: float) -> laws.ChinchillaFit | None:
-    """'E,A,B,alpha,beta' (total-convention L = E + A/N^alpha + B/D^beta) or '' (None: fit the runs)."""
+    """'E,A,B,alpha,beta' (L = E + A/N^alpha + B/D^beta in the N of the convention analysed) or '' (None: fit the
+    runs). ``k`` is the runs' C/(N·D)."""
     if not text:
         return None
     try:

@@ -341,8 +341,8 @@ def shape_warnings(results: dict[str, Any]) -> list[str]:
         a3 = r["approach3"]
         if a3.get("curvature_consistent") is False:
             out.append(f"{conv} / approach3: the isoFLOP curves are {_g(a3['curvature_ratio_median'], '.2g')}x as "
-                       "curved (median) as its law implies: the law's form misses these runs, so its a follows that "
-                       "misfit; Approach 2 reads the minima from the curves themselves")
+                       "curved (median) as its fitted law implies: the law misses these runs' shape, so its a reflects "
+                       "that misfit; Approach 2 reads the minima from the curves themselves")
     return out
 
 
@@ -352,10 +352,10 @@ def curvature_text(a3: dict[str, Any]) -> str:
     head = (f"IsoFLOP curvature, measured / Approach 3's law at each Approach 2 minimum: median "
             f"{_g(a3['curvature_ratio_median'], '.3g')} (per budget {per}). ")
     if a3.get("curvature_consistent"):
-        return head + "The law has the shape of the curves."
-    return head + ("The law fitted through all budgets does not bend like the curves it is fitted to: its form does not "
-                   "describe these runs, so its a follows that misfit and its interval is no measure of the data's "
-                   "noise. Approach 2 reads each budget's minimum from its own curve.")
+        return head + "The law's curvature matches the curves' within a factor of 2."
+    return head + ("The law fitted through all budgets does not bend like the curves it is fitted to: as fitted, its "
+                   "form misses these runs, so its a reflects that misfit as much as the minima, and its interval "
+                   "measures more than the seed noise. Approach 2 reads each budget's minimum from its own curve.")
 
 
 def metrics_of(results: dict[str, Any]) -> dict[str, float]:
