@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--noise", default="seed,residual", help="seed, residual and/or nats, comma-separated")
     p.add_argument("--draws", type=int, default=100, help="simulated re-runs of the design per noise level")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="processes (0 = one per core)")
+    p.add_argument("--fit_workers", type=int, default=0, help="processes (0 = one per core), as analyze's")
     a = p.parse_args(argv)
     try:
         if a.convention not in CONVENTIONS:
@@ -42,9 +42,8 @@ def main(argv: list[str]) -> int:
             raise ConfigError("draws", a.draws, "a whole number >= 1")
         if a.seed < 0:
             raise ConfigError("seed", a.seed, "a whole number >= 0")
-        if a.workers < 0:
-            raise ConfigError("workers", a.workers, "0 (one per core) or a number of processes >= 1")
-        cfg = AnalyzeConfig(experiment=a.experiment, tags=a.tags, parent_run=a.parent_run, log=False, bootstrap=0)
+        cfg = AnalyzeConfig(experiment=a.experiment, tags=a.tags, parent_run=a.parent_run, log=False, bootstrap=0,
+                            fit_workers=a.fit_workers)  # validates fit_workers; cores() reads it
         d = convention_data(load_mlflow(cfg, with_histories=False), a.convention, cfg, {})
         given = parse_law(a.law, d.k)
         law = given or laws.approach3(d.N, d.D, d.L, k=d.k)
@@ -53,7 +52,6 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    workers = a.workers or len(os.sched_getaffinity(0))
     print(f"design: {len(d.N)} runs, {d.n_budgets} budgets ({d.C.min():.3g} to {d.C.max():.3g} FLOPs), "
           f"{len(set(zip(d.labels, d.N)))} (budget, size) pairs; convention {a.convention}")
     print("law: " + ", ".join(f"{n} {getattr(law, n):.4g}" for n in LAW_NAMES) + f"; a = {law.a:.3f}"
@@ -62,7 +60,7 @@ def main(argv: list[str]) -> int:
           + f"; RMS residual on the runs {resid:.4f} nats")
     print(f"{'noise':<22} {'approach':<10} {'true a':>6} {'median':>7} {'95% range':>16} {'width':>6} {'fitted':>7}")
     for label, sd in levels:
-        spreads = power.design_spread(d.N, d.D, d.C, d.labels, law, sd, a.draws, a.seed, workers=workers)
+        spreads = power.design_spread(d.N, d.D, d.C, d.labels, law, sd, a.draws, a.seed, workers=cfg.cores())
         for name, s in spreads.items():
             m = s.summary()
             print(f"{label:<22} {name:<10} {s.truth:>6.3f} {m['median']:>7.3f} "

@@ -49,7 +49,7 @@ def test_script_on_a_store(tmp_path, monkeypatch):
     sources.log_study(sources.simulate(seed=7, noise=0.01), "lab", "s1")
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     script = [sys.executable, str(ROOT / "analysis" / "design_power.py"), "--experiment", "lab", "--tags", "study=s1"]
-    ok = subprocess.run([*script, "--draws", "3", "--noise", "residual,0.01", "--workers", "1"], env=env,
+    ok = subprocess.run([*script, "--draws", "3", "--noise", "residual,0.01", "--fit_workers", "1"], env=env,
                         capture_output=True, text=True, timeout=600)
     assert ok.returncode == 0, ok.stderr[-2000:]
     rows = [line.split() for line in ok.stdout.splitlines()[3:]]  # after the design, law and header lines
@@ -57,6 +57,7 @@ def test_script_on_a_store(tmp_path, monkeypatch):
         "approach2", "approach3"] * 2
     assert "fitted on the runs" in ok.stdout and "RMS residual" in ok.stdout
     for args, param in ((["--law", "1,2,3"], "law"), (["--noise", "seed"], "noise"), (["--noise", "-1"], "noise"),
-                        (["--convention", "both"], "convention"), (["--seed", "-1"], "seed")):
+                        (["--convention", "both"], "convention"), (["--seed", "-1"], "seed"),
+                        (["--draws", "0"], "draws"), (["--fit_workers", "-1"], "fit_workers")):
         bad = subprocess.run([*script, *args], env=env, capture_output=True, text=True, timeout=600)
         assert bad.returncode == 2 and f"parameter '{param}'" in bad.stderr and "Traceback" not in bad.stderr
