@@ -9,8 +9,8 @@ schedule=wsd (lr held after the warmup, then a 1 - sqrt cooldown over the last `
 Hägele et al. 2024, arXiv:2405.18392), both ending at min_lr_ratio * lr. The middle size also trains with
 ``--seeds`` more seeds under each schedule, so the difference can be read against the seed-to-seed spread. Prints
 final validation losses and the differences. A wsd run of D tokens is what a cooldown branched from a
-constant-lr run at D·(1 - cooldown_frac) tokens trains (same steps, same lr at every step); branching runs
-across budgets is not built yet.
+constant-lr run at D·(1 - cooldown_frac) tokens trains (same steps, same lr at every step); branching several
+budgets from one run per size is ``branching.train_branches``, measured by ``benchmarks/branched_cooldowns.py``.
 """
 
 from __future__ import annotations
