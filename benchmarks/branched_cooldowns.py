@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=1, help="seeds per size (each trains everything again)")
     args = ap.parse_args()
     if args.seeds < 1:
-        ap.error(f"--seeds must be a positive integer, got {args.seeds}")
+        ap.error(str(ConfigError("seeds", args.seeds, "a positive integer")))
     try:  # the search's own checks: budgets, dataset, split
         scfg = isoflop.resolve_search({"mode": "quick", "dataset": args.dataset, "train_split": args.train_split,
                                        "budgets": args.budgets})
@@ -50,8 +50,8 @@ def main() -> None:
             at.setdefault(rung, []).append(c)
     rungs = sorted(r for r, cs in at.items() if len(cs) > 1)
     if not rungs:
-        ap.error(f"--budgets {args.budgets}: no size of the quick plan is trained at two of them (nothing to "
-                 "branch); give budgets whose plans share sizes, e.g. 1e10,3e10,1e11")
+        ap.error(str(ConfigError("budgets", args.budgets, "budgets whose quick plans share a size (nothing to "
+                                 "branch otherwise), e.g. 1e10,3e10,1e11")))
     print(f"# {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC; quick family, budgets "
           f"{', '.join(f'{c:g}' for c in budgets)}; wsd cooldown_frac {args.cooldown_frac}, branched, against cosine")
     print(f"{'d':>4} {'N_total':>8} {'C':>6} {'tokens':>9} {'batch':>5} {'steps':>6} {'seed':>5} {'cosine':>8} "

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +66,14 @@ def test_a_configuration_that_cannot_branch_is_named(tiny, overrides, steps, nam
     with pytest.raises(ConfigError) as e:
         train_branches(cfg, steps)
     assert all(n in str(e.value) for n in names), str(e.value)
+
+
+def test_benchmark_script_names_a_bad_flag(data_dir):
+    """benchmarks/branched_cooldowns.py: one line naming the parameter, exit 2, no traceback, before any training."""
+    script = [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "branched_cooldowns.py"),
+              "--dataset", str(data_dir)]
+    for args, param in ((["--budgets", "1e10,abc"], "budgets"), (["--budgets", "1e10"], "budgets"),
+                        (["--seeds", "0"], "seeds")):
+        bad = subprocess.run([*script, *args], env=os.environ, capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and f"parameter '{param}'" in bad.stderr, bad.stderr[-2000:]
+        assert "Traceback" not in bad.stderr and bad.stdout == ""
