@@ -21,7 +21,7 @@ import dataclasses
 import statistics
 import time
 
-from scaling_lab import counting, isoflop
+from scaling_lab import config, counting, isoflop
 from scaling_lab.branching import train_branches
 from scaling_lab.errors import ConfigError
 from scaling_lab.train import MemoryLogger, train
@@ -37,10 +37,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.seeds < 1:
         ap.error(str(ConfigError("seeds", args.seeds, "a positive integer")))
-    try:  # the search's own checks: budgets, dataset, split
+    try:  # the search's and training's own checks: budgets, dataset, split, cooldown_frac
         scfg = isoflop.resolve_search({"mode": "quick", "dataset": args.dataset, "train_split": args.train_split,
                                        "budgets": args.budgets})
         budgets = scfg.budget_list()
+        config.TrainConfig(schedule="wsd", cooldown_frac=args.cooldown_frac)
     except ConfigError as e:
         ap.error(str(e))
     at: dict[int, list[float]] = {}  # rung -> the budgets whose quick plan trains it
@@ -86,11 +87,10 @@ def main() -> None:
             print(f"     d {m.n_embd} seed {seed}: branched {t_branched:.1f} s (trunk {steps[-1]} steps + "
                   f"{sum(b.steps - b.cooldown_from for b in branches[:-1])} cooldown steps), separate cosine runs "
                   f"{t_cos:.1f} s ({sum(steps)} steps): {t_cos / t_branched:.2f}x", flush=True)
-    if rel:
-        print(f"branch - cosine over {len(rel)} points: mean {100 * statistics.mean(rel):+.2f}%, "
-              f"range {100 * min(rel):+.2f}% .. {100 * max(rel):+.2f}%")
-        print(f"wall time: branched {secs['branched']:.1f} s, separate cosine runs {secs['cosine']:.1f} s "
-              f"({secs['cosine'] / secs['branched']:.2f}x)")
+    print(f"branch - cosine over {len(rel)} points: mean {100 * statistics.mean(rel):+.2f}%, "
+          f"range {100 * min(rel):+.2f}% .. {100 * max(rel):+.2f}%")
+    print(f"wall time: branched {secs['branched']:.1f} s, separate cosine runs {secs['cosine']:.1f} s "
+          f"({secs['cosine'] / secs['branched']:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def test_benchmark_script_names_a_bad_flag(data_dir):
     script = [sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "branched_cooldowns.py"),
               "--dataset", str(data_dir)]
     for args, param in ((["--budgets", "1e10,abc"], "budgets"), (["--budgets", "1e10"], "budgets"),
-                        (["--seeds", "0"], "seeds")):
+                        (["--seeds", "0"], "seeds"), (["--cooldown_frac", "1.5"], "cooldown_frac")):
         bad = subprocess.run([*script, *args], env=os.environ, capture_output=True, text=True, timeout=300)
         assert bad.returncode == 2 and f"parameter '{param}'" in bad.stderr, bad.stderr[-2000:]
         assert "Traceback" not in bad.stderr and bad.stdout == ""
